@@ -1,0 +1,215 @@
+"""Reading images and masks, and writing them atomically.
+
+Every writer here goes through :func:`atomic_path`: the bytes land in a temporary file in
+the destination folder, which is renamed over the destination only once complete, so an
+interrupted run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from hisynseg.errors import HisynsegError
+
+__all__ = [
+    "ImageReadError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "read_rgb",
+    "read_mask",
+    "read_image_size",
+    "encode_rgb_png",
+    "encode_mask_png",
+    "write_rgb_png",
+    "write_mask_png",
+    "palette_to_flat",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageReadError(HisynsegError, OSError):
+    """An image or mask file could not be read; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
+
+    The temporary name starts with ``.`` and ends with ``.tmp`` so that globbing for the
+    final suffix never picks up a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a readable image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # PIL reports truncated or corrupt data as OSError/SyntaxError with its own wording.
+        raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+    return img
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as an ``H×W×3`` ``uint8`` RGB array.
+
+    Raises:
+        ImageReadError: Missing, unreadable or truncated file.
+    """
+    img = _open_image(Path(path))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_mask(
+    path: str | os.PathLike[str],
+    palette: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
+    """Read a label mask as an ``H×W`` ``uint8`` array of class indices.
+
+    Indexed ("P") and greyscale masks are read as their index values. An RGB mask is
+    mapped through ``palette``; a colour not in the palette is an error.
+
+    Raises:
+        ImageReadError: Unreadable file, or an RGB mask with a colour outside ``palette``.
+    """
+    path = Path(path)
+    img = _open_image(path)
+    if img.mode in ("P", "L", "I", "I;16"):
+        return np.asarray(img).astype(np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        if palette is None:
+            raise ImageReadError(f"{path}: RGB mask but no palette to map its colours")
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        out = np.full(code.shape, 255, dtype=np.uint8)
+        for index, colour in enumerate(palette):
+            r, g, b = (int(c) for c in colour)
+            out[code == ((r << 16) | (g << 8) | b)] = index
+        if (out == 255).any():
+            bad = np.unique(rgb[out == 255].reshape(-1, 3), axis=0)[:5].tolist()
+            raise ImageReadError(f"{path}: mask colours {bad} are not in the dataset's palette")
+        return out
+    raise ImageReadError(f"{path}: unsupported mask mode {img.mode!r}")
+
+
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Return ``(height, width)`` from the header without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
+    return h, w
+
+
+def palette_to_flat(palette: Sequence[Sequence[int]]) -> list[int]:
+    """PIL's flat 768-entry palette from a list of RGB triples (unused entries black)."""
+    flat = [int(c) for colour in palette for c in colour]
+    return flat + [0] * (768 - len(flat))
+
+
+def encode_rgb_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode an ``H×W×3`` ``uint8`` array as PNG bytes."""
+    buf = io.BytesIO()
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    Image.frombytes("RGB", (image.shape[1], image.shape[0]), image.tobytes()).save(
+        buf, format="PNG", compress_level=compress_level
+    )
+    return buf.getvalue()
+
+
+def encode_mask_png(
+    mask: np.ndarray, palette: Sequence[Sequence[int]], compress_level: int = 6
+) -> bytes:
+    """Encode an ``H×W`` index mask as an indexed ("P" mode) PNG with ``palette``."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
+    img.putpalette(palette_to_flat(palette))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_rgb_png(path: str | os.PathLike[str], image: np.ndarray, compress_level: int = 6) -> None:
+    """Write an RGB PNG atomically."""
+    atomic_write_bytes(path, encode_rgb_png(image, compress_level))
+
+
+def write_mask_png(
+    path: str | os.PathLike[str],
+    mask: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    compress_level: int = 6,
+) -> None:
+    """Write an indexed palette PNG atomically."""
+    atomic_write_bytes(path, encode_mask_png(mask, palette, compress_level))
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly in ``folder`` (sorted; hidden and temporary files skipped)."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
