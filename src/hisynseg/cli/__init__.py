@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hisynseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hisynseg {args.command}: interrupted; re-run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"hisynseg {args.command}: interrupted; re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 130

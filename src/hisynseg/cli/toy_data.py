@@ -17,10 +17,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", help="folder to write the dataset into")
     p.add_argument("--dataset", default="luad-histoseg", choices=DATASET_NAMES)
-    p.add_argument("--single-per-class", type=int, default=6,
-                   help="single-label training images per class (default 6)")
-    p.add_argument("--multi", type=int, default=12,
-                   help="training images with several classes (default 12)")
+    p.add_argument(
+        "--single-per-class",
+        type=int,
+        default=6,
+        help="single-label training images per class (default 6)",
+    )
+    p.add_argument(
+        "--multi", type=int, default=12, help="training images with several classes (default 12)"
+    )
     p.add_argument("--val", type=int, default=4, help="validation images (default 4)")
     p.add_argument("--test", type=int, default=4, help="test images (default 4)")
     p.add_argument("--patch-size", type=int, default=64, help="training patch side (default 64)")
