@@ -23,6 +23,7 @@ from hisynseg.errors import HisynsegError
 
 __all__ = [
     "ImageReadError",
+    "MaskColourError",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -42,6 +43,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 class ImageReadError(HisynsegError, OSError):
     """An image or mask file could not be read; the message names the file and the problem."""
+
+
+class MaskColourError(ImageReadError):
+    """A mask holds a value (index or colour) that is not a class of the dataset."""
 
 
 @contextlib.contextmanager
@@ -94,6 +99,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _open_image(path: Path) -> Image.Image:
+    img = None
     try:
         img = Image.open(path)
         img.load()
@@ -102,6 +108,10 @@ def _open_image(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image") from None
     except (OSError, SyntaxError, ValueError) as exc:
+        # A failed load() leaves PIL's file handle open; close it now, not at garbage
+        # collection, or scanning thousands of corrupt files runs out of descriptors.
+        if img is not None:
+            img.close()
         # PIL reports truncated or corrupt data as OSError/SyntaxError with its own wording.
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
     return img
@@ -129,12 +139,23 @@ def read_mask(
     mapped through ``palette``; a colour not in the palette is an error.
 
     Raises:
-        ImageReadError: Unreadable file, or an RGB mask with a colour outside ``palette``.
+        ImageReadError: Unreadable file.
+        MaskColourError: An RGB mask with a colour outside ``palette``, or a 16/32-bit
+            mask with a value above 255.
     """
     path = Path(path)
     img = _open_image(path)
-    if img.mode in ("P", "L", "I", "I;16"):
-        return np.asarray(img).astype(np.uint8)
+    if img.mode in ("P", "L"):
+        return np.array(img, dtype=np.uint8)
+    if img.mode in ("I", "I;16"):
+        values = np.asarray(img)
+        # Casting to uint8 would wrap 256 to 0 and pass a bad mask off as a valid one.
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise MaskColourError(
+                f"{path}: mask values {int(values.min())}..{int(values.max())} "
+                "do not fit class indices 0..255"
+            )
+        return values.astype(np.uint8)
     if img.mode in ("RGB", "RGBA"):
         if palette is None:
             raise ImageReadError(f"{path}: RGB mask but no palette to map its colours")
@@ -146,7 +167,7 @@ def read_mask(
             out[code == ((r << 16) | (g << 8) | b)] = index
         if (out == 255).any():
             bad = np.unique(rgb[out == 255].reshape(-1, 3), axis=0)[:5].tolist()
-            raise ImageReadError(f"{path}: mask colours {bad} are not in the dataset's palette")
+            raise MaskColourError(f"{path}: mask colours {bad} are not in the dataset's palette")
         return out
     raise ImageReadError(f"{path}: unsupported mask mode {img.mode!r}")
 
