@@ -1,0 +1,437 @@
+"""Training: transforms, data module, loss combination, runs, checkpoints, resume, refusals.
+
+Everything runs on the CPU with a ResNet-18 encoder (random weights) at 64 px on a toy
+LUAD-HistoSeg look-alike and a small synthetic set written here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hisynseg.cli
+from hisynseg.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from hisynseg.datasets.io import write_mask_png, write_rgb_png
+from hisynseg.datasets.spec import DatasetSpec, get_dataset_spec
+from hisynseg.datasets.toy import make_toy_dataset, region_map, render_texture
+from hisynseg.losses import classification_loss, consistency_loss, dice_loss
+from hisynseg.models.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    export_segmenter,
+    load_segmenter,
+)
+from hisynseg.training.data import HisynSegDataModule
+from hisynseg.training.module import HisynSegModule, gate_absent_classes
+from hisynseg.training.run import train
+from hisynseg.training.transforms import eval_transform, train_transform
+
+SIZE = 64
+
+
+def main(argv: list[str]) -> int:
+    """``hisynseg`` with only the train subcommand registered (the CLI's own error handling
+    and dispatch, independent of the other subcommands' modules)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hisynseg.cli, "COMMANDS", {"train": "train"})
+        return hisynseg.cli.main(argv)
+
+
+def write_synthetic_set(folder: Path, spec: DatasetSpec, count: int, seed: int = 0) -> Path:
+    """A synthetic set in the layout ``list_synthetic`` reads: two textured classes per
+    image, with a background (ignored) corner in every other mask."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        classes = np.sort(rng.choice(spec.num_classes, size=2, replace=False))
+        owner = region_map(classes, (SIZE, SIZE), rng).astype(np.uint8)
+        image = np.zeros((SIZE, SIZE, 3), np.uint8)
+        for c in classes:
+            sel = owner == c
+            image[sel] = render_texture(int(c), (SIZE, SIZE), rng)[sel]
+        if i % 2:
+            owner[:8, :8] = spec.background_index
+            image[:8, :8] = 245
+        name = spec.format_name(f"syn_{i:04d}", spec.labels_from_mask(owner))
+        write_rgb_png(folder / "img" / name, image)
+        write_mask_png(folder / "mask" / f"{Path(name).stem}.png", owner, spec.palette)
+    return folder
+
+
+def base_overrides(root: Path, synthetic: Path, out: Path) -> list[str]:
+    return [
+        f"data.root={root}",
+        f"data.synthetic=[{synthetic}]",
+        f"data.patch_size={SIZE}",
+        "data.batch_size_synthetic=2",
+        "data.batch_size_real=2",
+        "data.val_batch_size=2",
+        "data.num_workers=0",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        f"out={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def luad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("luad")
+    toy = make_toy_dataset(
+        base / "data",
+        "luad-histoseg",
+        patch_size=SIZE,
+        single_per_class=2,
+        multi_train=4,
+        num_val=2,
+        num_test=1,
+    )
+    synthetic = write_synthetic_set(base / "syn", toy.spec, 6)
+    return {"base": base, "root": toy.root, "syn": synthetic}
+
+
+@pytest.fixture(scope="module")
+def trained(luad: dict[str, Path]) -> dict[str, Path]:
+    """One epoch through the CLI, then a resumed second epoch through :func:`train`."""
+    out = luad["base"] / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(luad["root"]),
+            "--dataset",
+            "luad-histoseg",
+            "--synthetic",
+            str(luad["syn"]),
+            "--encoder",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            f"data.patch_size={SIZE}",
+            "data.num_workers=0",
+            "data.val_batch_size=2",
+            "trainer.limit_train_batches=3",
+            "trainer.progress_bar=false",
+            "trainer.log_every_n_steps=1",
+        ]
+    )
+    assert code == 0
+    first = json.loads((out / "metrics.json").read_text())
+    shutil.copy(out / "checkpoints" / "last.ckpt", luad["base"] / "epoch1.ckpt")
+    resumed = train(apply_overrides(load_config(out / "config.yaml"), ["trainer.epochs=2"]))
+    return {
+        "out": out,
+        "first": first,
+        "second": resumed.metrics,
+        "epoch1": luad["base"] / "epoch1.ckpt",
+    }
+
+
+def make_module(spec: DatasetSpec, overrides: list[str] = ()) -> HisynSegModule:
+    cfg = apply_overrides(Config(), [f"data.patch_size={SIZE}", *overrides])
+    return HisynSegModule(
+        model={"encoder": "resnet18", "num_classes": spec.num_classes},
+        dataset=spec.to_dict(),
+        config=config_to_dict(cfg),
+    )
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_train_transform_fills_masks_with_the_ignore_index() -> None:
+    t = train_transform(SIZE, fill_index=4)
+    image = np.full((80, 80, 3), 120, np.uint8)
+    mask = np.zeros((80, 80), np.uint8)
+    seen: set[int] = set()
+    for _ in range(40):
+        out = t(image=image, mask=mask)
+        assert out["image"].shape == (SIZE, SIZE, 3) and out["image"].dtype == np.float32
+        assert out["mask"].shape == (SIZE, SIZE)
+        seen |= set(np.unique(out["mask"]).tolist())
+    # Rotations and distortions bring in border pixels: they are 4, never a made-up class 0.
+    assert seen == {0, 4}
+    reflect = train_transform(SIZE, fill_index=4, border="reflect")
+    assert all(set(np.unique(reflect(image=image, mask=mask)["mask"])) == {0} for _ in range(20))
+
+
+def test_eval_transform_normalises_only() -> None:
+    image = np.full((50, 70, 3), 255, np.uint8)
+    out = eval_transform()(image=image)["image"]
+    assert out.shape == (50, 70, 3)
+    np.testing.assert_allclose(
+        out[0, 0], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], rtol=1e-5
+    )
+
+
+# ---------------------------------------------------------------- data module
+
+
+def test_combined_loader_cycles_the_shorter_set(luad: dict[str, Path], tmp_path: Path) -> None:
+    spec = get_dataset_spec("luad-histoseg")
+    cfg = apply_overrides(Config(), base_overrides(luad["root"], luad["syn"], tmp_path))
+    dm = HisynSegDataModule(cfg, spec)
+    assert len(dm.labelled_items) == 6 and len(dm.real_items) == 12
+    steps, labelled_seen, real_seen = 0, 0, 0
+    for batch, _, _ in dm.train_dataloader():
+        steps += 1
+        assert set(batch) == {"labelled", "real"}
+        lab, real = batch["labelled"], batch["real"]
+        assert lab["image"].shape == (2, 3, SIZE, SIZE) and lab["mask"].shape == (2, SIZE, SIZE)
+        assert real["image"].shape == (2, 3, SIZE, SIZE) and real["label"].shape == (2, 4)
+        # The label of a synthetic image is the set of classes in its augmented mask.
+        for mask, label in zip(lab["mask"], lab["label"], strict=True):
+            present = [int((mask == c).any()) for c in range(4)]
+            assert label.tolist() == present
+        labelled_seen += lab["image"].shape[0]
+        real_seen += real["image"].shape[0]
+    # The epoch follows the longer (real) loader; the synthetic one restarts once.
+    assert steps == 6 and real_seen == 12 and labelled_seen == 12
+
+
+def test_stage2_and_no_unlabeled_batches(luad: dict[str, Path], tmp_path: Path) -> None:
+    spec = get_dataset_spec("luad-histoseg")
+    pseudo = write_synthetic_set(tmp_path / "pseudo", spec, 4, seed=9)
+    over = base_overrides(luad["root"], luad["syn"], tmp_path)
+    dm2 = HisynSegDataModule(
+        apply_overrides(Config(), [*over, "stage=2", f"data.pseudo_masks={pseudo}"]), spec
+    )
+    assert len(dm2.labelled_items) == 10 and dm2.real_items == []
+    batches = [b for b, _, _ in dm2.train_dataloader()]
+    assert all(set(b) == {"labelled"} for b in batches)
+    assert batches[0]["labelled"]["image"].shape[0] == 4  # synthetic + real batch sizes
+    dm1 = HisynSegDataModule(apply_overrides(Config(), [*over, "data.real_unlabeled=false"]), spec)
+    assert [set(b) for b, _, _ in dm1.train_dataloader()] == [{"labelled"}] * 3
+    with pytest.raises(ConfigError, match="pseudo"):
+        HisynSegDataModule(apply_overrides(Config(), [*over, "stage=2"]), spec)
+    with pytest.raises(ConfigError, match="synthetic"):
+        HisynSegDataModule(apply_overrides(Config(), [*over, "data.synthetic=[]"]), spec)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _fixed_batch(n_syn: int = 2, n_real: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, 5, (n_syn, SIZE, SIZE), generator=g)  # 4 = background (ignored)
+    label = torch.stack([torch.bincount(m[m < 4], minlength=4) > 0 for m in mask]).float()
+    return {
+        "labelled": {
+            "image": torch.randn(n_syn, 3, SIZE, SIZE, generator=g),
+            "mask": mask,
+            "label": label,
+        },
+        "real": {
+            "image": torch.randn(n_real, 3, SIZE, SIZE, generator=g),
+            "label": torch.randint(0, 2, (n_real, 4), generator=g).float(),
+        },
+    }
+
+
+def test_stage1_loss_is_the_weighted_sum_of_the_three_losses() -> None:
+    torch.manual_seed(0)
+    spec = get_dataset_spec("luad-histoseg")
+    module = make_module(spec, ["loss.w1=0.3", "loss.w2=0.7", "loss.w3=1.9"]).eval()
+    batch = _fixed_batch()
+    with torch.no_grad():
+        terms = module.compute_losses(batch)
+        # By hand, with each batch through the network on its own (eval-mode BatchNorm
+        # uses running statistics, so one concatenated pass must give the same numbers).
+        syn = module.model(batch["labelled"]["image"])
+        real = module.model(batch["real"]["image"])
+        cls_syn = classification_loss(syn.cls_logits, batch["labelled"]["label"])
+        seg = dice_loss(syn.seg_logits, batch["labelled"]["mask"], 4)
+        cls_real = classification_loss(real.cls_logits, batch["real"]["label"])
+        reg = consistency_loss(real.seg_logits, real.cam)
+    expected = 0.3 * cls_syn + 0.7 * seg + 0.3 * cls_real + 1.9 * reg
+    for name, value in (("cls_syn", cls_syn), ("seg", seg), ("cls_real", cls_real), ("reg", reg)):
+        torch.testing.assert_close(terms[name], value, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-4, atol=1e-5)
+    assert all(float(v) > 0 for v in (cls_syn, seg, cls_real, reg))
+
+
+def test_stage2_loss_and_switches() -> None:
+    torch.manual_seed(0)
+    spec = get_dataset_spec("luad-histoseg")
+    batch = _fixed_batch()
+    labelled_only = {"labelled": batch["labelled"]}
+    stage2 = make_module(spec, ["stage=2", "loss.w1=2", "loss.w2=0.5"]).eval()
+    no_reg = make_module(spec, ["loss.w3=0"]).eval()
+    no_reg.load_state_dict(stage2.state_dict())
+    with torch.no_grad():
+        t2 = stage2.compute_losses(labelled_only)
+        t0 = no_reg.compute_losses(batch)
+    assert set(t2) == {"loss", "cls_syn", "seg"}
+    torch.testing.assert_close(t2["loss"], 2 * t2["cls_syn"] + 0.5 * t2["seg"])
+    torch.testing.assert_close(t0["loss"], t0["cls_syn"] + t0["seg"] + t0["cls_real"])
+
+
+def test_gating_removes_classes_absent_from_the_ground_truth() -> None:
+    logits = torch.zeros(2, 4, 2, 2)
+    logits[:, 3] = 5.0  # class 3 wins everywhere before gating
+    mask = torch.tensor([[[0, 1], [4, 4]], [[4, 4], [4, 4]]])
+    pred = gate_absent_classes(logits, mask, 4).argmax(1)
+    assert set(pred[0].flatten().tolist()) <= {0, 1}
+    assert set(pred[1].flatten().tolist()) == {3}  # background only: left unconstrained
+
+
+def test_large_validation_images_use_sliding_windows() -> None:
+    spec = get_dataset_spec("wsss4luad")
+    module = make_module(spec).eval()
+    with torch.no_grad():
+        probs = module.predict_logits(torch.randn(1, 3, 100, 150))
+    assert probs.shape == (1, 3, 100, 150)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 100, 150), rtol=1e-4, atol=1e-4)
+    # A validation step scores every pixel that is not background (index 3).
+    mask = torch.randint(0, 4, (1, 100, 150))
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step({"image": torch.randn(1, 3, 100, 150), "mask": mask}, 0)
+    assert int(module._confusion.sum()) == int((mask < 3).sum())
+
+
+# ---------------------------------------------------------------- runs and checkpoints
+
+
+def test_training_run_writes_its_directory(trained: dict) -> None:
+    out = trained["out"]
+    for name in (
+        "config.yaml",
+        "versions.json",
+        "metrics.json",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((out / "logs" / "csv").glob("version_*/metrics.csv"))) == 2
+    cfg = load_config(out / "config.yaml")
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.seed == 3
+    versions = json.loads((out / "versions.json").read_text())
+    for key in (
+        "python",
+        "torch",
+        "lightning",
+        "segmentation-models-pytorch",
+        "timm",
+        "albumentations",
+        "hisynseg",
+        "git",
+    ):
+        assert key in versions
+    first = trained["first"]
+    assert first["epochs"] == 1 and first["global_step"] == 3
+    for name in ("train/loss", "train/cls_syn", "train/seg", "train/cls_real", "train/reg"):
+        assert math.isfinite(first["final"][name]), name
+    assert 0.0 <= first["best_val_miou"] <= 1.0
+    assert set(first["best_val"]["iou"]) == set(get_dataset_spec("luad").class_names)
+
+
+def test_resume_continues_from_the_last_checkpoint(trained: dict) -> None:
+    second = trained["second"]
+    assert second["resumed_from"].endswith("last.ckpt")
+    assert second["epochs"] == 2 and second["global_step"] == 6
+    assert checkpoint_meta(trained["out"] / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert second["best_val"]["epoch"] in (0, 1)
+
+
+def test_load_segmenter_rebuilds_the_trained_network(trained: dict) -> None:
+    path = trained["out"] / "checkpoints" / "best.ckpt"
+    spec = get_dataset_spec("luad-histoseg")
+    model, meta = load_segmenter(path, expected_spec=spec)
+    assert not model.training
+    assert meta["kind"] == "lightning" and meta["dataset"]["classes"] == list(spec.class_names)
+    assert meta["config"]["data"]["patch_size"] == SIZE
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"model.{key}"])
+    out = model(torch.zeros(1, 3, SIZE, SIZE))
+    assert out.seg_logits.shape == (1, 4, SIZE, SIZE)
+
+
+def test_exports_and_bare_state_dicts_load(trained: dict, tmp_path: Path) -> None:
+    spec = get_dataset_spec("luad-histoseg")
+    model, meta = load_segmenter(trained["out"] / "checkpoints" / "best.ckpt")
+    export = tmp_path / "model.pt"
+    export_segmenter(model, spec, export, config=meta["config"])
+    again, meta2 = load_segmenter(export, expected_spec=spec)
+    assert meta2["kind"] == "export"
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    with pytest.raises(CheckpointError, match="model_config"):
+        load_segmenter(bare)
+    third, meta3 = load_segmenter(bare, model_config=model.config())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x).seg_logits
+        torch.testing.assert_close(again(x).seg_logits, ref)
+        torch.testing.assert_close(third(x).seg_logits, ref)
+    assert meta3["kind"] == "state_dict"
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(trained: dict, tmp_path: Path) -> None:
+    good = trained["out"] / "checkpoints" / "best.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_segmenter(truncated)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_segmenter(garbage)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_segmenter(tmp_path / "missing.ckpt")
+    bcss = get_dataset_spec("bcss-wsss")
+    with pytest.raises(CheckpointError) as err:
+        load_segmenter(good, expected_spec=bcss)
+    message = str(err.value)
+    assert "tumor epithelium" in message and "lymphocytic infiltrate" in message
+
+
+def test_a_dataset_with_other_classes_is_refused_before_training(
+    trained: dict, tmp_path: Path
+) -> None:
+    toy = make_toy_dataset(
+        tmp_path / "bcss",
+        "bcss-wsss",
+        patch_size=SIZE,
+        single_per_class=1,
+        multi_train=2,
+        num_val=1,
+        num_test=1,
+    )
+    syn = write_synthetic_set(tmp_path / "bcss-syn", toy.spec, 2)
+    out = tmp_path / "run"
+    over = [*base_overrides(toy.root, syn, out), "data.dataset=bcss-wsss"]
+    with pytest.raises(CheckpointError, match="lymphocytic infiltrate"):
+        train(apply_overrides(Config(), [*over, f"trainer.resume={trained['epoch1']}"]))
+    expected = "data.classes=[tumor epithelium, necrosis, lymphocyte, tumor-associated stroma]"
+    with pytest.raises(ConfigError, match="expects classes"):
+        train(apply_overrides(Config(), [*over, expected]))
+    assert not out.exists()  # nothing was started
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--synthetic",
+            str(tmp_path),
+            "trainer.epoch=1",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "trainer.epoch" in err and "epochs" in err
