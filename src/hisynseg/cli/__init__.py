@@ -21,6 +21,10 @@ COMMANDS: dict[str, str] = {
     "toy-data": "toy_data",
     "validate-data": "validate_data",
     "synthesize": "synthesize",
+    "train-filter": "train_filter",
+    "train": "train",
+    "evaluate": "evaluate",
+    "pipeline": "pipeline",
 }
 
 
