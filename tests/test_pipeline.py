@@ -98,6 +98,7 @@ def test_whole_pipeline_on_each_layout(tmp_path: Path, dataset: str) -> None:
     report = (out / "report.md").read_text()
     assert "| stage1 | test |" in report and "## Filters" in report
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "pipeline.yaml").is_file() and "torch" in (out / "versions.json").read_text()
     # Stage 2 trains on the pseudo-masks and the filtered synthetic sets.
     cfg2 = (out / "10-train-stage2" / "config.yaml").read_text()
     assert "09-pseudo-label" in cfg2 and "05-synth-mosaic" in cfg2 and "stage: 2" in cfg2

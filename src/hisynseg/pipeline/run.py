@@ -315,3 +315,7 @@ def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         save_pipeline_config(cfg, path)
+    from hisynseg.training.run import collect_versions
+
+    # Refreshed on every (re-)run: the versions that did the latest work.
+    atomic_write_json(out / "versions.json", collect_versions())
