@@ -24,7 +24,9 @@ COMMANDS: dict[str, str] = {
     "train-filter": "train_filter",
     "train": "train",
     "evaluate": "evaluate",
+    "pseudo-label": "pseudo_label",
     "pipeline": "pipeline",
+    "demo": "demo",
 }
 
 

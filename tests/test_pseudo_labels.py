@@ -1,0 +1,153 @@
+"""Stage-2 pseudo-masks: label constraint, single-label images, background, resume, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hisynseg.cli import main
+from hisynseg.datasets.io import read_mask
+from hisynseg.datasets.layouts import list_synthetic, list_train
+from hisynseg.datasets.toy import make_toy_dataset
+from hisynseg.inference.pseudo_labels import constrain_to_label, pseudo_label_dataset
+from hisynseg.models import SegmenterOutput, build_segmenter
+from hisynseg.models.checkpoint import export_segmenter
+
+
+class FavouringModel(nn.Module):
+    """Scores class c as 0.1·c everywhere, and one class far above the rest.
+
+    Constrained to an image's label, the argmax is the favoured class when the label has
+    it, else the highest-numbered class of the label, so every pseudo-mask is known.
+    """
+
+    def __init__(self, num_classes: int, favoured: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.favoured = favoured
+        self.sizes: list[tuple[int, int]] = []
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> SegmenterOutput:
+        self.sizes.append(tuple(x.shape[-2:]))
+        b, _, h, w = x.shape
+        scores = 0.1 * torch.arange(self.num_classes, dtype=torch.float32)
+        scores[self.favoured] = 5.0
+        logits = scores.view(1, -1, 1, 1).expand(b, -1, h, w) + 0 * self.anchor
+        return SegmenterOutput(logits, logits[..., ::16, ::16], logits.mean((2, 3)))
+
+
+def expected_class(label: np.ndarray, favoured: int) -> int:
+    present = np.flatnonzero(label)
+    return favoured if favoured in present else int(present.max())
+
+
+def test_constrain_to_label_takes_the_argmax_over_present_classes() -> None:
+    logits = np.array([[[0.0, 3.0]], [[2.0, 1.0]], [[9.0, 9.0]]], dtype=np.float32)  # C=3, H=1, W=2
+    np.testing.assert_array_equal(constrain_to_label(logits, np.array([1, 1, 0])), [[1, 0]])
+    np.testing.assert_array_equal(constrain_to_label(logits, np.array([1, 0, 0])), [[0, 0]])
+    with pytest.raises(ValueError):
+        constrain_to_label(logits, np.array([0, 0, 0]))
+
+
+def test_pseudo_masks_follow_labels_and_read_back_as_a_training_set(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "luad-histoseg", single_per_class=2, multi_train=8)
+    model = FavouringModel(toy.spec.num_classes, favoured=0)
+    out = tmp_path / "pseudo"
+    summary = pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    samples = list_train(toy.root, toy.spec)
+    assert summary.written == len(samples) and summary.single_label == 8 and not summary.failed
+
+    back = {s.path.name: (s, m) for s, m in list_synthetic(out, toy.spec)}
+    assert set(back) == {s.path.name for s in samples}
+    for sample in samples:
+        mask = read_mask(back[sample.path.name][1])
+        assert mask.shape == (64, 64)
+        if sample.is_single_label:
+            assert (mask == sample.single_class).all()
+        else:
+            assert (mask == expected_class(sample.label, 0)).all()
+        # The label carried by the output name is the original image-level label.
+        np.testing.assert_array_equal(back[sample.path.name][0].label, sample.label)
+    # Only multi-label images go through the network, with d4's eight views.
+    assert len(model.sizes) == 8 and set(model.sizes) == {(64, 64)}
+
+
+def test_wsss4luad_background_and_training_patch_size(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "wsss4luad", single_per_class=3, multi_train=10)
+    model = FavouringModel(toy.spec.num_classes, favoured=2)
+    out = tmp_path / "pseudo"
+    pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, tta=None, progress=False)
+    # Patches of varying size are predicted at the training patch size, not their own.
+    assert set(model.sizes) == {(64, 64)}
+    found_background = False
+    for sample, mask_path in list_synthetic(out, toy.spec):
+        mask = read_mask(mask_path)
+        image_shape = np.asarray(__import__("PIL.Image").Image.open(sample.path)).shape[:2]
+        assert mask.shape == image_shape
+        values = set(np.unique(mask).tolist())
+        allowed = set(np.flatnonzero(sample.label).tolist()) | {toy.spec.background_index}
+        assert values <= allowed
+        found_background |= toy.spec.background_index in values
+    assert found_background, "the toy's white blobs must become background"
+
+
+def test_rerun_writes_only_missing_masks(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "bcss-wsss", single_per_class=2, multi_train=4)
+    model = FavouringModel(toy.spec.num_classes, favoured=1)
+    out = tmp_path / "pseudo"
+    pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    masks = sorted((out / "mask").glob("*.png"))
+    kept = {p: p.stat().st_mtime_ns for p in masks[1:]}
+    masks[0].unlink()
+    summary = pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    assert (summary.written, summary.skipped) == (1, len(masks) - 1)
+    assert masks[0].is_file()
+    assert {p: p.stat().st_mtime_ns for p in masks[1:]} == kept
+
+
+def test_cli_with_a_real_checkpoint(tmp_path, capsys) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "generic", single_per_class=2, multi_train=3)
+    ckpt = tmp_path / "model.pt"
+    export_segmenter(build_segmenter("resnet18", num_classes=3), toy.spec, ckpt)
+    out = tmp_path / "pseudo"
+    code = main(
+        [
+            "pseudo-label",
+            str(ckpt),
+            str(toy.root),
+            "--dataset",
+            "generic",
+            "--out",
+            str(out),
+            "--patch-size",
+            "64",
+            "--tta",
+            "none",
+            "--entropy",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert "9 written (6 single-label" in capsys.readouterr().out
+    assert len(list((out / "mask").glob("*.png"))) == 9
+    assert len(list((out / "entropy").glob("*.png"))) == 9
+    # A generic set keeps its labels in labels.csv, which the reader uses.
+    assert len(list_synthetic(out, toy.spec)) == 9
+
+    other = tmp_path / "other.pt"
+    export_segmenter(build_segmenter("resnet18", num_classes=4), make_spec_luad(), other)
+    assert (
+        main(["pseudo-label", str(other), str(toy.root), "--dataset", "generic", "--out", str(out)])
+        == 2
+    )
+
+
+def make_spec_luad():
+    from hisynseg.datasets.spec import get_dataset_spec
+
+    return get_dataset_spec("luad-histoseg")
