@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from hisynseg.cli import main
-from hisynseg.datasets.io import read_mask
+from hisynseg.datasets.io import read_mask, read_rgb
 from hisynseg.datasets.layouts import list_synthetic, list_train
+from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.datasets.toy import make_toy_dataset
 from hisynseg.inference.pseudo_labels import constrain_to_label, pseudo_label_dataset
 from hisynseg.models import SegmenterOutput, build_segmenter
@@ -85,8 +86,7 @@ def test_wsss4luad_background_and_training_patch_size(tmp_path) -> None:
     found_background = False
     for sample, mask_path in list_synthetic(out, toy.spec):
         mask = read_mask(mask_path)
-        image_shape = np.asarray(__import__("PIL.Image").Image.open(sample.path)).shape[:2]
-        assert mask.shape == image_shape
+        assert mask.shape == read_rgb(sample.path).shape[:2]
         values = set(np.unique(mask).tolist())
         allowed = set(np.flatnonzero(sample.label).tolist()) | {toy.spec.background_index}
         assert values <= allowed
@@ -140,14 +140,10 @@ def test_cli_with_a_real_checkpoint(tmp_path, capsys) -> None:
     assert len(list_synthetic(out, toy.spec)) == 9
 
     other = tmp_path / "other.pt"
-    export_segmenter(build_segmenter("resnet18", num_classes=4), make_spec_luad(), other)
+    export_segmenter(
+        build_segmenter("resnet18", num_classes=4), get_dataset_spec("luad-histoseg"), other
+    )
     assert (
         main(["pseudo-label", str(other), str(toy.root), "--dataset", "generic", "--out", str(out)])
         == 2
     )
-
-
-def make_spec_luad():
-    from hisynseg.datasets.spec import get_dataset_spec
-
-    return get_dataset_spec("luad-histoseg")
