@@ -42,6 +42,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "read_yaml_mapping",
     "save_config",
     "dump_config",
     "apply_overrides",
@@ -359,11 +360,11 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML configuration, then apply dotted ``overrides``.
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (empty for an empty file).
 
     Raises:
-        ConfigError: Missing or unparsable file, unknown key, or a value of the wrong type;
+        ConfigError: Missing file, invalid YAML, or a top level that is not a mapping;
             the message names the file.
     """
     path = Path(path)
@@ -375,6 +376,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration must be a mapping of sections")
+    return data or {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML configuration, then apply dotted ``overrides``.
+
+    Raises:
+        ConfigError: Missing or unparsable file, unknown key, or a value of the wrong type;
+            the message names the file.
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path)
     try:
         cfg = config_from_dict(data)
     except ConfigError as exc:

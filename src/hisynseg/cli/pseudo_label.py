@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hisynseg.datasets.spec import resolve_dataset_spec
-    from hisynseg.evaluation.evaluate import resolve_device
+    from hisynseg.devices import resolve_device
     from hisynseg.inference.pseudo_labels import pseudo_label_dataset
     from hisynseg.models.checkpoint import load_segmenter
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from hisynseg.datasets.io import read_mask, read_rgb, write_mask_png, write_rgb_png
 from hisynseg.datasets.layouts import MaskedImage, list_split
 from hisynseg.datasets.spec import DatasetSpec
+from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
 from hisynseg.evaluation.metrics import ConfusionMatrix, scores_to_dict
 from hisynseg.evaluation.visualize import comparison_panel, overlay_mask
@@ -100,20 +101,6 @@ class EvaluationSettings:
         data = asdict(self)
         data["scales"] = list(self.scales)
         return data
-
-
-def resolve_device(device: str | torch.device | None) -> str:
-    """``"auto"``/``None`` → ``"cuda"`` when available, else ``"cpu"``; checks CUDA exists.
-
-    Raises:
-        EvaluationError: CUDA asked for but not available.
-    """
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"device {name!r} requested, but CUDA is not available here")
-    return name
 
 
 def resolve_settings(

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hisynseg.config import Config, ConfigError, coerce_value
+from hisynseg.config import Config, ConfigError, coerce_value, read_yaml_mapping
 from hisynseg.datasets.io import atomic_write_text
 
 __all__ = [
@@ -261,12 +261,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         ConfigError: Missing or unparsable file, unknown key, or bad value; names the file.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml_mapping(path)
     try:
         cfg = pipeline_config_from_dict(data)
     except ConfigError as exc:

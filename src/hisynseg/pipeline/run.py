@@ -29,6 +29,7 @@ from typing import Any
 from hisynseg.config import config_from_dict, config_to_dict
 from hisynseg.datasets.io import atomic_write_json
 from hisynseg.datasets.spec import DatasetSpec, resolve_dataset_spec
+from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
 from hisynseg.pipeline.config import PipelineConfig, save_pipeline_config
 from hisynseg.pipeline.report import write_report
@@ -47,14 +48,6 @@ class PipelineError(HisynsegError):
 
 def _workers(n: int) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _synthesis_params(cfg: PipelineConfig, spec: DatasetSpec, method: str):
@@ -90,7 +83,7 @@ def _synth_stage(
                 done[f"filter-{method}"]["checkpoint"],
                 dataset=spec,
                 method=method,
-                device=_device(cfg.device),
+                device=resolve_device(cfg.device),
             )
             max_draws = int(num * cfg.synthesis.max_draws_factor)
         summary = synthesize(
@@ -198,7 +191,7 @@ def _eval_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, stage: int) 
 
         e = cfg.evaluation
         ckpt = done[f"train-stage{stage}"]["best_checkpoint"]
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         model, _ = load_segmenter(ckpt, expected_spec=spec, map_location=device)
         metrics = evaluate(
             model,
@@ -232,7 +225,7 @@ def _pseudo_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path) -> Stage:
         from hisynseg.inference.pseudo_labels import pseudo_label_dataset
         from hisynseg.models.checkpoint import load_segmenter
 
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         ckpt = done["train-stage1"]["best_checkpoint"]
         model, _ = load_segmenter(ckpt, expected_spec=spec, map_location=device)
         summary = pseudo_label_dataset(

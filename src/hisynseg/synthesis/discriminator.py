@@ -42,6 +42,7 @@ from hisynseg.datasets.io import (
 )
 from hisynseg.datasets.layouts import list_train
 from hisynseg.datasets.spec import DatasetSpec, resolve_dataset_spec
+from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "split_real_fake",
     "build_discriminator",
     "preprocess_images",
-    "resolve_device",
     "paper_cap",
     "train_filter",
     "synthetic_set_method",
@@ -163,19 +163,6 @@ class FilterTrainConfig:
 def paper_cap(spec: DatasetSpec) -> int | None:
     """The training cap per side the paper used for ``spec`` (``None``: no cap)."""
     return None if spec.name in _UNCAPPED_DATASETS else _PAPER_CAP
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise FilterError(f"unknown device {device!r} ({exc})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FilterError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -349,7 +336,7 @@ class RealnessScorer:
         batch_size: int = 64,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = torch.device(resolve_device(device)) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.image_size = int(image_size)
         self.batch_size = max(1, int(batch_size))
@@ -712,7 +699,7 @@ def train_filter(
     config.validate()
     out = Path(out)
     synthetic = Path(synthetic)
-    device = resolve_device(config.device)
+    device = torch.device(resolve_device(config.device))
 
     real_paths = [s.path for s in list_train(root, spec) if int(s.label.sum()) >= 2]
     img_dir = synthetic / "img"
