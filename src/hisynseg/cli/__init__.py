@@ -26,7 +26,6 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "pseudo-label": "pseudo_label",
     "pipeline": "pipeline",
-    "demo": "demo",
 }
 
 
