@@ -11,13 +11,16 @@ import math
 import shutil
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import hisynseg.cli
 from hisynseg.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
 from hisynseg.datasets.io import write_mask_png, write_rgb_png
+from hisynseg.datasets.layouts import LabelledImage
 from hisynseg.datasets.spec import DatasetSpec, get_dataset_spec
 from hisynseg.datasets.toy import make_toy_dataset, region_map, render_texture
 from hisynseg.losses import classification_loss, consistency_loss, dice_loss
@@ -27,7 +30,7 @@ from hisynseg.models.checkpoint import (
     export_segmenter,
     load_segmenter,
 )
-from hisynseg.training.data import HisynSegDataModule
+from hisynseg.training.data import HisynSegDataModule, LabelledSamples, seed_worker_transform
 from hisynseg.training.module import HisynSegModule, gate_absent_classes
 from hisynseg.training.run import train
 from hisynseg.training.transforms import eval_transform, train_transform
@@ -94,11 +97,9 @@ def luad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "root": toy.root, "syn": synthetic}
 
 
-@pytest.fixture(scope="module")
-def trained(luad: dict[str, Path]) -> dict[str, Path]:
-    """One epoch through the CLI, then a resumed second epoch through :func:`train`."""
-    out = luad["base"] / "run"
-    code = main(
+def train_one_epoch_cli(luad: dict[str, Path], out: Path) -> int:
+    """One short epoch (3 steps) through the ``train`` CLI, seed 3."""
+    return main(
         [
             "train",
             "--data",
@@ -125,6 +126,13 @@ def trained(luad: dict[str, Path]) -> dict[str, Path]:
             "trainer.log_every_n_steps=1",
         ]
     )
+
+
+@pytest.fixture(scope="module")
+def trained(luad: dict[str, Path]) -> dict[str, Path]:
+    """One epoch through the CLI, then a resumed second epoch through :func:`train`."""
+    out = luad["base"] / "run"
+    code = train_one_epoch_cli(luad, out)
     assert code == 0
     first = json.loads((out / "metrics.json").read_text())
     shutil.copy(out / "checkpoints" / "last.ckpt", luad["base"] / "epoch1.ckpt")
@@ -216,6 +224,56 @@ def test_stage2_and_no_unlabeled_batches(luad: dict[str, Path], tmp_path: Path) 
         HisynSegDataModule(apply_overrides(Config(), [*over, "stage=2"]), spec)
     with pytest.raises(ConfigError, match="synthetic"):
         HisynSegDataModule(apply_overrides(Config(), [*over, "data.synthetic=[]"]), spec)
+
+
+def _first_batches(dm: HisynSegDataModule, count: int) -> list[torch.Tensor]:
+    """The augmented images of the first ``count`` stage-1 steps (both sets), after the
+    global seeding a training run does."""
+    L.seed_everything(dm.cfg.trainer.seed, workers=True, verbose=False)
+    out = []
+    for step, (batch, _, _) in enumerate(dm.train_dataloader()):
+        if step == count:
+            break
+        out.append(torch.cat([batch["labelled"]["image"], batch["real"]["image"]]))
+    return out
+
+
+def test_the_seed_makes_augmentation_repeatable(luad: dict[str, Path], tmp_path: Path) -> None:
+    spec = get_dataset_spec("luad-histoseg")
+    over = base_overrides(luad["root"], luad["syn"], tmp_path)
+
+    def batches(seed: int) -> list[torch.Tensor]:
+        cfg = apply_overrides(Config(), [*over, f"trainer.seed={seed}"])
+        return _first_batches(HisynSegDataModule(cfg, spec), 3)
+
+    first, again, other = batches(5), batches(5), batches(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_loader_workers_augment_differently_and_repeatably(tmp_path: Path) -> None:
+    """Forked workers inherit one albumentations generator; each must get its own stream."""
+    spec = get_dataset_spec("luad-histoseg")
+    image = render_texture(0, (SIZE, SIZE), np.random.default_rng(0))
+    write_rgb_png(tmp_path / "same.png", image)
+    item = LabelledImage(path=tmp_path / "same.png", label=np.array([1, 0, 0, 0], np.uint8))
+
+    def epoch() -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        transform = train_transform(SIZE, spec.background_index)
+        transform.set_random_seed(3)
+        loader = DataLoader(
+            LabelledSamples([item] * 8, transform),
+            batch_size=1,
+            num_workers=2,
+            worker_init_fn=seed_worker_transform,
+        )
+        return [b["image"][0] for b in loader]
+
+    first, again = epoch(), epoch()
+    # Batches alternate between the two workers: items 0 and 1 come from different ones.
+    assert not torch.equal(first[0], first[1])
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 # ---------------------------------------------------------------- losses
@@ -335,6 +393,17 @@ def test_training_run_writes_its_directory(trained: dict) -> None:
         assert math.isfinite(first["final"][name]), name
     assert 0.0 <= first["best_val_miou"] <= 1.0
     assert set(first["best_val"]["iou"]) == set(get_dataset_spec("luad").class_names)
+
+
+def test_the_same_seed_trains_the_same_weights(trained: dict, luad: dict[str, Path]) -> None:
+    assert train_one_epoch_cli(luad, luad["base"] / "again") == 0
+    before = torch.load(trained["epoch1"], map_location="cpu", weights_only=False)["state_dict"]
+    after = torch.load(
+        luad["base"] / "again" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )["state_dict"]
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert torch.allclose(value.float(), after[name].float(), rtol=1e-5, atol=1e-6), name
 
 
 def test_resume_continues_from_the_last_checkpoint(trained: dict) -> None:

@@ -133,7 +133,7 @@ class TrainerConfig:
         num_nodes: Machines for multi-node DDP.
         accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``, ...
         precision: ``"auto"`` (``16-mixed`` on GPU, ``32-true`` on CPU) or a Lightning value.
-        seed: Seeds Python, NumPy, torch and the data-loader workers.
+        seed: Seeds Python, NumPy, torch, the augmentations and the data-loader workers.
         val_every: Validate every this many epochs.
         limit_train_batches: Lightning's limit (a count, a fraction, or ``None`` for all).
         limit_val_batches: The same for validation.

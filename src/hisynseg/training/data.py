@@ -55,6 +55,7 @@ __all__ = [
     "LabelledSamples",
     "EvalSamples",
     "HisynSegDataModule",
+    "seed_worker_transform",
 ]
 
 
@@ -152,6 +153,26 @@ class EvalSamples(Dataset):
         }
 
 
+def seed_worker_transform(worker_id: int) -> None:
+    """``DataLoader`` ``worker_init_fn`` that gives each worker its own augmentation stream.
+
+    albumentations keeps a private random generator per ``Compose`` that no global seed
+    reaches, and forked workers inherit identical copies of it, so without this every
+    worker would repeat the same augmentations. Each worker's ``info.seed`` is drawn from
+    the (seeded) main-process torch generator plus the worker id: distinct per worker and
+    reproducible per run.
+    """
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    # Keep Lightning's seeding of numpy / random / torch in the worker, which this
+    # function replaces as the loader's worker_init_fn.
+    pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
 def _synthetic_items(folders: Sequence[str], spec: DatasetSpec) -> list[tuple[Path, Path]]:
     items: list[tuple[Path, Path]] = []
     for folder in folders:
@@ -229,16 +250,27 @@ class HisynSegDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             # A last batch of one image would break BatchNorm's training statistics.
             drop_last=shuffle and len(dataset) > batch_size,
+            worker_init_fn=seed_worker_transform if workers > 0 else None,
         )
 
     def train_datasets(self) -> dict[str, Dataset]:
         """The training sets by batch key: ``"labelled"`` and, in stage 1, ``"real"``."""
         d = self.cfg.data
-        t = train_transform(d.patch_size, self.spec.background_index, d.aug_border)
+        seed = self.cfg.trainer.seed
+
+        def transform(offset: int) -> Any:
+            # albumentations ignores global seeds: each set gets its own seeded stream
+            # (re-seeded per worker by seed_worker_transform when workers are used).
+            t = train_transform(d.patch_size, self.spec.background_index, d.aug_border)
+            t.set_random_seed((seed + offset) % 2**32)
+            return t
+
         # Several synthetic folders (and, in stage 2, the pseudo-masks) form one pool.
-        sets: dict[str, Dataset] = {"labelled": MaskedSamples(self.labelled_items, self.spec, t)}
+        sets: dict[str, Dataset] = {
+            "labelled": MaskedSamples(self.labelled_items, self.spec, transform(0))
+        }
         if self.real_items:
-            sets["real"] = LabelledSamples(self.real_items, t)
+            sets["real"] = LabelledSamples(self.real_items, transform(1))
         return sets
 
     def train_dataloader(self) -> CombinedLoader:
