@@ -13,7 +13,9 @@ median iteration are reported.
 
 Target: full step <= 1.15 x two bare passes. For reference it also times one bare pass
 over both batches concatenated, which isolates what the CAM head and the three losses
-add to the same forward/backward.
+add to the same forward/backward, and the full step with ``trainer.split_forward`` (the
+two batches through the network in two passes, one optimizer step): on CPUs one pass over
+2N images can cost more than two passes over N.
 
     python benchmarks/train_step.py                       # CPU, resnet18, 8+8 at 160 px
     python benchmarks/train_step.py --device cuda --encoder efficientnet-b6 --batch 32 \\
@@ -63,10 +65,11 @@ def _batches(batch: int, size: int, device: torch.device) -> tuple[dict, dict]:
 
 def build_steps(
     encoder: str, batch: int, size: int, device: torch.device, amp: bool, channels_last: bool
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """``(full_step, two_bare_passes, one_bare_pass)``: callables that each run one
-    training iteration over the same ``2 x batch`` images (the last as one concatenated
-    batch, which isolates the cost of the CAM head and the extra losses)."""
+) -> dict[str, Callable[[], None]]:
+    """Callables that each run one training iteration over the same ``2 x batch`` images:
+    ``full`` (joint forward), ``split`` (``trainer.split_forward``), ``bare`` (two bare
+    passes) and ``one`` (one bare pass over both batches concatenated, which isolates the
+    cost of the CAM head and the extra losses)."""
     import segmentation_models_pytorch as smp
 
     from hisynseg.config import Config, apply_overrides, config_to_dict
@@ -107,7 +110,8 @@ def build_steps(
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def full_step() -> None:
+    def full_step(split: bool = False) -> None:
+        module.cfg.trainer.split_forward = split
         full_opt.zero_grad(set_to_none=True)
         with autocast():
             loss = module.compute_losses(batch_dict)["loss"]
@@ -136,7 +140,12 @@ def build_steps(
     def one_bare_pass() -> None:
         bare_pass(both)
 
-    return full_step, two_bare_passes, one_bare_pass
+    return {
+        "full": full_step,
+        "split": lambda: full_step(split=True),
+        "bare": two_bare_passes,
+        "one": one_bare_pass,
+    }
 
 
 def measure(
@@ -153,38 +162,32 @@ def measure(
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    full_step, two_bare, one_bare = build_steps(encoder, batch, size, dev, amp, channels_last)
+    steps = build_steps(encoder, batch, size, dev, amp, channels_last)
     for _ in range(warmup):
-        full_step()
-        two_bare()
-        one_bare()
-    full_t: list[float] = []
-    bare_t: list[float] = []
-    one_t: list[float] = []
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for i in range(iters):
         # Rotate the order so that none always runs right after the same other one.
-        order = [(full_step, full_t), (two_bare, bare_t), (one_bare, one_t)]
-        k = i % len(order)
-        for fn, store in order[k:] + order[:k]:
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             _sync(dev)
             start = time.perf_counter()
-            fn()
+            steps[name]()
             _sync(dev)
-            store.append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     images = 2 * batch
     result: dict[str, float] = {}
     # The minimum is the least disturbed iteration (a shared machine adds only delays);
     # the median shows the typical one.
     for stat, fn in (("min", min), ("median", statistics.median)):
-        full, bare, one = fn(full_t), fn(bare_t), fn(one_t)
-        result[f"full_s_{stat}"] = full
-        result[f"bare_s_{stat}"] = bare
-        result[f"one_s_{stat}"] = one
-        result[f"full_images_per_s_{stat}"] = images / full
-        result[f"bare_images_per_s_{stat}"] = images / bare
-        result[f"one_images_per_s_{stat}"] = images / one
-        result[f"ratio_{stat}"] = full / bare
-        result[f"ratio_one_{stat}"] = full / one
+        for name in names:
+            result[f"{name}_s_{stat}"] = fn(times[name])
+            result[f"{name}_images_per_s_{stat}"] = images / fn(times[name])
+        result[f"ratio_{stat}"] = result[f"full_s_{stat}"] / result[f"bare_s_{stat}"]
+        result[f"ratio_split_{stat}"] = result[f"split_s_{stat}"] / result[f"bare_s_{stat}"]
+        result[f"ratio_one_{stat}"] = result[f"full_s_{stat}"] / result[f"one_s_{stat}"]
     return result
 
 
@@ -222,6 +225,10 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
             f"{r[f'full_images_per_s_{stat}']:8.1f} images/s"
         )
         print(
+            f"  full, split fwd   : {r[f'split_s_{stat}']:.3f} s "
+            f"{r[f'split_images_per_s_{stat}']:8.1f} images/s"
+        )
+        print(
             f"  two bare passes   : {r[f'bare_s_{stat}']:.3f} s "
             f"{r[f'bare_images_per_s_{stat}']:8.1f} images/s"
         )
@@ -232,6 +239,11 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
         verdict = "within" if r[f"ratio_{stat}"] <= 1.15 else "ABOVE"
         print(
             f"  ratio full / two bare passes : {r[f'ratio_{stat}']:.3f}  ({verdict} the 1.15 target)"
+        )
+        verdict = "within" if r[f"ratio_split_{stat}"] <= 1.15 else "ABOVE"
+        print(
+            f"  ratio split / two bare passes: {r[f'ratio_split_{stat}']:.3f}  "
+            f"({verdict} the 1.15 target)"
         )
         print(f"  ratio full / one bare pass   : {r[f'ratio_one_{stat}']:.3f}  (CAM head + losses)")
 

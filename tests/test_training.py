@@ -318,6 +318,33 @@ def test_stage1_loss_is_the_weighted_sum_of_the_three_losses() -> None:
     assert all(float(v) > 0 for v in (cls_syn, seg, cls_real, reg))
 
 
+def test_split_forward_runs_each_batch_on_its_own() -> None:
+    """In training mode (batch statistics, dropout) the split step equals two separate
+    passes by hand, and differs from the joint pass, whose BatchNorm sees both batches."""
+    torch.manual_seed(0)
+    spec = get_dataset_spec("luad-histoseg")
+    split = make_module(spec, ["trainer.split_forward=true"]).train()
+    joint = make_module(spec).train()
+    joint.load_state_dict(split.state_dict())
+    batch = _fixed_batch()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        terms = split.compute_losses(batch)
+        torch.manual_seed(1)
+        syn = split.model(batch["labelled"]["image"])
+        real = split.model(batch["real"]["image"])
+        torch.manual_seed(1)
+        joint_terms = joint.compute_losses(batch)
+    expected = (
+        classification_loss(syn.cls_logits, batch["labelled"]["label"])
+        + dice_loss(syn.seg_logits, batch["labelled"]["mask"], 4)
+        + classification_loss(real.cls_logits, batch["real"]["label"])
+        + consistency_loss(real.seg_logits, real.cam)
+    )
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(terms["loss"], joint_terms["loss"], rtol=1e-4, atol=1e-5)
+
+
 def test_stage2_loss_and_switches() -> None:
     torch.manual_seed(0)
     spec = get_dataset_spec("luad-histoseg")

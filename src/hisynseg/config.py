@@ -138,6 +138,11 @@ class TrainerConfig:
         limit_train_batches: Lightning's limit (a count, a fraction, or ``None`` for all).
         limit_val_batches: The same for validation.
         channels_last: Use the channels-last memory format (faster convolutions on GPU).
+        split_forward: In stage 1, run the synthetic and the real batch through the
+            network in two forward passes (one optimizer step on the summed loss) instead
+            of one concatenated pass. The loss is the same sum; BatchNorm statistics are
+            then per batch. On CPUs one pass over 2N images can cost more than two passes
+            over N (see ``benchmarks/train_step.py``); on GPUs the joint pass is faster.
         sync_batchnorm: Synchronise BatchNorm statistics across DDP processes.
         log_every_n_steps: Logging interval of the training losses.
         progress_bar: Show a progress bar.
@@ -155,6 +160,7 @@ class TrainerConfig:
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
     channels_last: bool = False
+    split_forward: bool = False
     sync_batchnorm: bool = False
     log_every_n_steps: int = 50
     progress_bar: bool = True

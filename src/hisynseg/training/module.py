@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hisynseg.config import Config, config_from_dict
 from hisynseg.losses import classification_loss, consistency_loss, dice_loss
-from hisynseg.models import build_segmenter
+from hisynseg.models import SegmenterOutput, build_segmenter
 
 __all__ = ["HisynSegModule", "LOSS_TERMS"]
 
@@ -113,19 +113,25 @@ class HisynSegModule(L.LightningModule):
         labelled = batch["labelled"]
         real = batch.get("real")
         n = labelled["image"].shape[0]
-        x = labelled["image"] if real is None else torch.cat([labelled["image"], real["image"]])
-        out = self(x)
+        if real is None:
+            syn_out, real_out = self(labelled["image"]), None
+        elif self.cfg.trainer.split_forward:
+            syn_out, real_out = self(labelled["image"]), self(real["image"])
+        else:
+            joint = self(torch.cat([labelled["image"], real["image"]]))
+            syn_out = SegmenterOutput(*(t[:n] for t in joint))
+            real_out = SegmenterOutput(*(t[n:] for t in joint))
         # Losses in float32: softmax/Dice in half precision lose too much.
-        seg = out.seg_logits.float()
-        cls = out.cls_logits.float()
         terms = {
-            "cls_syn": classification_loss(cls[:n], labelled["label"].float()),
-            "seg": dice_loss(seg[:n], labelled["mask"], self.ignore_index),
+            "cls_syn": classification_loss(syn_out.cls_logits.float(), labelled["label"].float()),
+            "seg": dice_loss(syn_out.seg_logits.float(), labelled["mask"], self.ignore_index),
         }
         loss = w.w1 * terms["cls_syn"] + w.w2 * terms["seg"]
         if real is not None:
-            terms["cls_real"] = classification_loss(cls[n:], real["label"].float())
-            terms["reg"] = consistency_loss(seg[n:], out.cam[n:].float())
+            terms["cls_real"] = classification_loss(
+                real_out.cls_logits.float(), real["label"].float()
+            )
+            terms["reg"] = consistency_loss(real_out.seg_logits.float(), real_out.cam.float())
             loss = loss + w.w1 * terms["cls_real"] + w.w3 * terms["reg"]
         terms["loss"] = loss
         return terms
