@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import measure, parse_args, report
+from train_step import parse_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU on this machine: nothing to measure (gpu_step.py needs one)")
         return 0
-    torch.manual_seed(0)
-    r = measure(
-        args.encoder,
-        args.batch,
-        args.size,
-        args.device,
-        args.iters,
-        args.warmup,
-        args.amp,
-        args.channels_last,
-    )
-    report(args, r)
-    return 0
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,8 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
         print(f"  ratio full / one bare pass   : {r[f'ratio_one_{stat}']:.3f}  (CAM head + losses)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Measure as ``args`` say and print the figures."""
     torch.manual_seed(0)
     r = measure(
         args.encoder,
@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     report(args, r)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
