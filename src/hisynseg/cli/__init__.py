@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "evaluate": "evaluate",
     "pseudo-label": "pseudo_label",
+    "predict": "predict",
+    "export": "export",
     "pipeline": "pipeline",
 }
 

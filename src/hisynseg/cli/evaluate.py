@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hisynseg.cli.arg_types import positive_int
 from hisynseg.datasets.spec import DATASET_NAMES
 
 _EPILOG = """\
@@ -41,16 +42,6 @@ def _scales(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
@@ -83,8 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write predicted palette masks (DIR/masks) and overlays (DIR/overlays)",
     )
-    p.add_argument("--window", type=_positive, metavar="N", help="sliding-window side")
-    p.add_argument("--stride", type=_positive, metavar="N", help="step between windows")
+    p.add_argument("--window", type=positive_int, metavar="N", help="sliding-window side")
+    p.add_argument("--stride", type=positive_int, metavar="N", help="step between windows")
     p.add_argument(
         "--scales", type=_scales, metavar="S,S,...", help="scales, e.g. 1,1.25,1.5,1.75,2"
     )
@@ -96,7 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive_int,
         default=16,
         metavar="N",
         help="images (or windows) per forward pass (default 16)",

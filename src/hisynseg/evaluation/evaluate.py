@@ -208,7 +208,9 @@ def _logits_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
     return fn
 
 
-def _score_fn(model: torch.nn.Module, tta: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def score_function(
+    model: torch.nn.Module, tta: str | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits with or without d4 TTA (the mean of the logits, as in the paper)."""
     logits = _logits_fn(model)
     if tta != "d4":
@@ -218,7 +220,7 @@ def _score_fn(model: torch.nn.Module, tta: str | None) -> Callable[[torch.Tensor
     return lambda x: predict_d4(logits, x)
 
 
-def _normalise(image: np.ndarray, device: str) -> torch.Tensor:
+def normalise_image(image: np.ndarray, device: str) -> torch.Tensor:
     """``H×W×3`` ``uint8`` → ``3×H×W`` float tensor with ImageNet mean/std, on ``device``."""
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable
@@ -360,7 +362,7 @@ def evaluate(
     num_classes = spec.num_classes
     dev = settings.device
     model = model.to(dev).eval()
-    score = _score_fn(model, settings.tta)
+    score = score_function(model, settings.tta)
     confusion = ConfusionMatrix(num_classes, ignore_index=spec.background_index)
     outputs = _Outputs(Path(save_masks_dir), spec) if save_masks_dir is not None else None
 
@@ -372,7 +374,7 @@ def evaluate(
             bar.update(1)
 
     def predict_whole(batch: list[tuple[MaskedImage, np.ndarray, np.ndarray]]) -> None:
-        x = torch.stack([_normalise(image, dev) for _, image, _ in batch])
+        x = torch.stack([normalise_image(image, dev) for _, image, _ in batch])
         masks = [m for _, _, m in batch] if settings.gate_absent_classes else None
         record(batch, _argmax(score(x), masks, num_classes))
 
@@ -382,7 +384,7 @@ def evaluate(
         _, image, mask = item
         probs = predict_sliding(
             lambda crops: score(crops).softmax(dim=1),
-            _normalise(image, dev),
+            normalise_image(image, dev),
             num_classes,
             window=settings.window,
             stride=settings.stride,

@@ -1,0 +1,201 @@
+"""``hisynseg predict``: segment new images and whole-slide images with a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hisynseg.cli.arg_types import fraction, non_negative_int, positive_float, positive_int
+
+_EPILOG = """\
+INPUT is an image (PNG, JPEG, BMP), a TIFF (plain or pyramidal), a whole-slide image
+(.svs, .ndpi through tifffile or OpenSlide; .mrxs, .vms, .scn, .bif through OpenSlide:
+pip install "hisynseg[slides]"), or a folder of them.
+
+The image is cut into overlapping tiles (--tile, --overlap) at the resolution the model
+was trained at (--target-mpp, in µm per pixel; default: the file's native resolution).
+The slide's own resolution comes from its metadata or from --mpp; a target resolution
+without either is an error. Tiles of bare glass are skipped (--no-tissue-detection to
+predict everything). Overlaps are blended with smooth weights, and the probabilities
+stream into a disk-backed canvas at the output resolution (--output-downsample; by
+default the smallest power of two keeping the output within 64 Mpx), so memory stays
+bounded whatever the slide's size.
+
+Outputs in DIR, per input NAME: NAME.mask.png (pictures) or NAME.mask.tif (pyramidal
+palette TIFF for TIFF/slide inputs), NAME.overlay.png, NAME.areas.csv (µm² when the
+resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File > Import
+objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
+versions, status of every input). Inputs whose outputs exist are skipped unless
+--overwrite. A failing input is reported and skipped; the exit status is 0 when all
+inputs succeeded, 1 otherwise.
+
+CKPT may be a checkpoint or export (torch) or an .onnx file from 'hisynseg export'
+(onnxruntime: pip install "hisynseg[onnx]").
+
+examples:
+  hisynseg predict runs/luad/stage2/checkpoints/best.ckpt slides/ --out predictions \\
+      --target-mpp 1.0 --tta d4 --device cuda
+  hisynseg predict model.onnx patch.png --out pred --tile 224 --overlap 32
+"""
+
+
+def _downsample(text: str) -> int | None:
+    return None if text == "auto" else positive_int(text)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment images and whole-slide images (masks, overlays, areas, QuPath GeoJSON)",
+        description="Segment new images and whole-slide images with a trained model: tiled, "
+        "streaming prediction with palette masks, overlays, per-class areas and QuPath GeoJSON.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint, export, or .onnx file")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image, slide, or folder")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    p.add_argument(
+        "--tile", type=positive_int, default=512, metavar="N", help="tile side (default 512)"
+    )
+    p.add_argument(
+        "--overlap",
+        type=non_negative_int,
+        default=64,
+        metavar="N",
+        help="tile overlap (default 64)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N", help="tiles per forward pass (8)"
+    )
+    p.add_argument(
+        "--tta", choices=("none", "d4"), default="none", help="d4: average 8 flips/rotations"
+    )
+    p.add_argument(
+        "--target-mpp",
+        type=positive_float,
+        metavar="UM",
+        help="resolution the model runs at, µm/px (its training data's); default: native",
+    )
+    p.add_argument(
+        "--mpp",
+        type=positive_float,
+        metavar="UM",
+        help="the inputs' own resolution, µm/px (overrides the file's metadata)",
+    )
+    p.add_argument(
+        "--output-downsample",
+        type=_downsample,
+        default=None,
+        metavar="N|auto",
+        help="model pixels per output pixel (must divide tile and overlap; default auto)",
+    )
+    p.add_argument(
+        "--blend",
+        choices=("gaussian", "cosine", "constant"),
+        default="gaussian",
+        help="weighting of overlapping tiles (default gaussian)",
+    )
+    p.add_argument(
+        "--no-tissue-detection",
+        action="store_true",
+        help="predict every tile and pixel (default: skip glass, mark it background)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=fraction,
+        default=0.02,
+        metavar="F",
+        help="least tissue share of a tile to predict it (default 0.02)",
+    )
+    p.add_argument(
+        "--mask-format",
+        choices=("auto", "png", "tiff"),
+        default="auto",
+        help="auto: PNG for pictures, pyramidal TIFF for TIFF and slide files",
+    )
+    p.add_argument("--save-probs", action="store_true", help="also write NAME.probs.npy")
+    p.add_argument("--no-geojson", action="store_true", help="skip the QuPath GeoJSON")
+    p.add_argument("--overwrite", action="store_true", help="predict inputs again")
+    p.add_argument(
+        "--max-tiles",
+        type=positive_int,
+        metavar="N",
+        help="stop each input after N tiles (quick checks; the rest stays background)",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hisynseg.devices import resolve_device
+    from hisynseg.inference.backends import load_backend
+    from hisynseg.inference.predict import InputResult, PredictOptions, predict_inputs
+    from hisynseg.slides.open import list_inputs
+
+    options = PredictOptions(
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        target_mpp=args.target_mpp,
+        mpp=args.mpp,
+        output_downsample=args.output_downsample,
+        blend=args.blend,
+        tissue_detection=not args.no_tissue_detection,
+        min_tissue=args.min_tissue,
+        mask_format=args.mask_format,
+        save_probs=args.save_probs,
+        geojson=not args.no_geojson,
+        overwrite=args.overwrite,
+        max_tiles=args.max_tiles,
+        progress=not args.no_progress,
+    )
+    options.check()  # before the (possibly large) model is loaded
+    inputs = list_inputs(args.inputs)
+    if not inputs:
+        from hisynseg.cli import CommandError
+
+        raise CommandError(f"no images or slides in {', '.join(args.inputs)}")
+    device = resolve_device(args.device)
+    tta = None if args.tta == "none" else args.tta
+    backend, labels, meta = load_backend(args.checkpoint, device=device, tta=tta)
+
+    def report(result: InputResult) -> None:
+        if result.status == "failed":
+            print(f"hisynseg predict: {result.error}", file=sys.stderr)
+        elif result.status == "skipped":
+            print(f"{result.input}: skipped, outputs exist")
+        else:
+            d = result.details
+            print(
+                f"{result.input}: {d['tiles_predicted']} of {d['tiles_total']} tiles "
+                f"({d['tiles_with_tissue']} with tissue), {result.seconds:.1f} s "
+                f"-> {result.outputs['mask']}"
+            )
+
+    results = predict_inputs(
+        inputs,
+        backend,
+        backend.num_classes,
+        labels,
+        args.out,
+        options,
+        run_info={
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "model": meta.get("model"),
+            **backend.describe(),
+        },
+        report=report,
+    )
+    failed = [r for r in results if r.status == "failed"]
+    ok = sum(r.status == "ok" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    print(
+        f"predicted {ok}, skipped {skipped}, failed {len(failed)} of {len(results)} inputs; "
+        f"see {Path(args.out) / 'predict.json'}"
+    )
+    return 1 if failed else 0

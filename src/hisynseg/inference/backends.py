@@ -1,0 +1,160 @@
+"""One callable for prediction, whatever runs the network: torch or onnxruntime.
+
+A backend maps a batch of ``B×H×W×3`` ``uint8`` RGB tiles to ``B×C×H×W`` ``float32``
+class probabilities. Both backends share the evaluation code's preprocessing (ImageNet
+mean/std, padding to the network's input divisor, optional d4 TTA averaging logits,
+then softmax): only the network call differs, so an ONNX export predicts what its
+checkpoint predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hisynseg.errors import HisynsegError
+from hisynseg.evaluation.evaluate import normalise_image, score_function
+from hisynseg.inference.export_onnx import ONNX_FORMAT, ONNX_METADATA_KEY, import_onnxruntime
+from hisynseg.inference.outputs import ClassLabels
+
+__all__ = ["Backend", "OnnxNetwork", "load_backend"]
+
+
+class Backend:
+    """RGB tiles → class probabilities, through any network that maps normalised
+    ``B×3×H×W`` tensors to ``B×C×H×W`` logits.
+
+    Args:
+        network: A segmenter (``forward`` returns ``SegmenterOutput`` or logits) or an
+            :class:`OnnxNetwork`. Must have ``input_divisor`` (16 by default).
+        num_classes: ``C``.
+        device: Torch device the tiles are normalised on (and the network runs on).
+        tta: ``"d4"`` averages the logits over the eight flips/rotations; ``None`` not.
+        name: ``"torch"`` or ``"onnxruntime"`` (recorded in ``predict.json``).
+    """
+
+    def __init__(
+        self,
+        network: Any,
+        num_classes: int,
+        device: str = "cpu",
+        tta: str | None = None,
+        name: str = "torch",
+    ) -> None:
+        if tta not in (None, "none", "d4"):
+            raise HisynsegError(f"unknown test-time augmentation {tta!r}; expected none or d4")
+        self.network = network
+        self.num_classes = int(num_classes)
+        self.device = str(device)
+        self.tta = None if tta == "none" else tta
+        self.name = name
+        self._score = score_function(network, self.tta)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """``B×C×H×W`` ``float32`` probabilities of ``B×H×W×3`` ``uint8`` RGB tiles."""
+        with torch.inference_mode():
+            x = torch.stack([normalise_image(tile, self.device) for tile in tiles])
+            return self._score(x).softmax(dim=1).float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": self.device, "tta": self.tta}
+
+
+class OnnxNetwork:
+    """An exported segmenter run by onnxruntime, callable like the torch network.
+
+    Args:
+        path: ``.onnx`` file written by :func:`hisynseg.inference.export_onnx.export_onnx`.
+        device: ``"cuda"`` uses onnxruntime's CUDA provider when it has one.
+
+    Attributes:
+        meta: The description stored in the file (``model``, ``dataset``,
+            ``input_divisor``, ...); empty for a foreign ONNX file.
+        input_divisor: Sides the graph accepts must be multiples of this.
+
+    Raises:
+        HisynsegError: onnxruntime missing, or the file cannot be loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        providers = ["CPUExecutionProvider"]
+        if (
+            str(device).startswith("cuda")
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
+            providers.insert(0, "CUDAExecutionProvider")
+        if not self.path.is_file():
+            raise HisynsegError(f"{self.path}: ONNX model not found")
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=providers)
+        except Exception as exc:
+            raise HisynsegError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        self.meta: dict[str, Any] = json.loads(raw) if raw else {}
+        if self.meta and self.meta.get("format") != ONNX_FORMAT:
+            raise HisynsegError(
+                f"{self.path}: unknown hisynseg ONNX format {self.meta.get('format')!r}"
+            )
+        self.input_divisor = int(self.meta.get("input_divisor", 16))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``B×C×H×W`` of a normalised batch."""
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run(None, {self.input_name: arr})[:1]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def load_backend(
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    tta: str | None = None,
+) -> tuple[Backend, ClassLabels, dict[str, Any]]:
+    """The backend of a checkpoint, export or ``.onnx`` file, with its classes.
+
+    Args:
+        path: A ``.ckpt``/export (torch) or an ``.onnx`` file (onnxruntime).
+        device: Torch device (``"cpu"``, ``"cuda"``).
+        tta: ``"d4"`` or ``None``.
+
+    Returns:
+        ``(backend, labels, meta)``; ``meta`` is the stored description.
+
+    Raises:
+        CheckpointError: Unreadable or foreign checkpoint.
+        HisynsegError: An ONNX file onnxruntime cannot load, or onnxruntime missing.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        net = OnnxNetwork(path, device)
+        meta = dict(net.meta)
+        channels = net.session.get_outputs()[0].shape[1]
+        num_classes = (
+            channels
+            if isinstance(channels, int)
+            else int((meta.get("model") or {}).get("num_classes", 0))
+        )
+        if num_classes < 1:
+            raise HisynsegError(f"{path}: cannot tell the number of classes of this ONNX model")
+        backend = Backend(net, num_classes, device="cpu", tta=tta, name="onnxruntime")
+    else:
+        from hisynseg.models.checkpoint import load_segmenter
+
+        model, meta = load_segmenter(path, map_location=device)
+        num_classes = int(model.num_classes)
+        backend = Backend(model, num_classes, device=device, tta=tta, name="torch")
+    dataset = meta.get("dataset")
+    labels = ClassLabels.from_dataset_dict(dataset) if dataset else ClassLabels.default(num_classes)
+    if len(labels.names) != num_classes:
+        raise HisynsegError(
+            f"{path}: the model has {num_classes} outputs but its description names "
+            f"{len(labels.names)} classes"
+        )
+    return backend, labels, meta

@@ -1,0 +1,313 @@
+"""Writing what a prediction produced: masks, overlays, area tables, QuPath GeoJSON.
+
+* **Mask**: an indexed palette PNG for pictures (:func:`hisynseg.datasets.io.write_mask_png`),
+  a tiled pyramidal TIFF (palette colour map, deflate, reduced levels as SubIFDs) for
+  slides, streamed from the disk canvas a band of rows at a time.
+* **Overlay**: the class colours blended over a thumbnail of the image (background left
+  as the image).
+* **Areas**: pixels, share of the tissue and, when the resolution is known, µm² per class.
+* **GeoJSON**: one QuPath annotation per class, a Polygon or MultiPolygon (with holes) of
+  its regions in level-0 pixel coordinates of the slide, the coordinates QuPath's
+  *File → Import objects* expects.
+
+All files are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+
+from hisynseg.datasets.io import atomic_path, atomic_write_text
+from hisynseg.inference.canvas import DiskCanvas
+
+__all__ = [
+    "ClassLabels",
+    "area_table",
+    "mask_to_geojson",
+    "write_area_csv",
+    "write_geojson",
+    "write_mask_tiff",
+]
+
+
+class ClassLabels(NamedTuple):
+    """Names and colours of a model's classes.
+
+    Attributes:
+        names: Tissue class names, in output-channel order.
+        palette: RGB of every mask value: the tissue classes, then background.
+        background_index: Mask value of background (glass, unpredicted pixels).
+    """
+
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    background_index: int
+
+    @classmethod
+    def from_dataset_dict(cls, data: Mapping[str, Any]) -> ClassLabels:
+        """From a stored dataset description (``DatasetSpec.to_dict()``)."""
+        names = tuple(str(c) for c in data["classes"])
+        palette = tuple(tuple(int(v) for v in c) for c in data["palette"])
+        bg = int(data.get("background_index", len(names)))
+        if len(palette) <= max(bg, len(names) - 1):
+            raise ValueError(f"palette of {len(palette)} colours for {len(names)} classes")
+        return cls(names, palette, bg)  # type: ignore[arg-type]
+
+    @classmethod
+    def default(cls, num_classes: int) -> ClassLabels:
+        """Placeholder names and a fixed colour cycle, for models without a description."""
+        cycle = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+        cycle += [(70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+        palette = tuple(cycle[i % len(cycle)] for i in range(num_classes)) + ((255, 255, 255),)
+        return cls(tuple(f"class {i}" for i in range(num_classes)), palette, num_classes)
+
+    def name(self, index: int) -> str:
+        if index == self.background_index:
+            return "background"
+        return self.names[index] if 0 <= index < len(self.names) else f"value {index}"
+
+
+def _colormap(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """TIFF palette colour map: ``3×256`` ``uint16`` (8-bit colours scaled by 257)."""
+    cmap = np.zeros((3, 256), np.uint16)
+    colours = np.asarray(palette, np.uint16).reshape(-1, 3)
+    cmap[:, : len(colours)] = colours.T * 257
+    return cmap
+
+
+def write_mask_tiff(
+    path: str | os.PathLike[str],
+    canvas: DiskCanvas,
+    palette: Sequence[Sequence[int]],
+    mpp: float | None = None,
+    tile: int = 256,
+    min_side: int = 512,
+) -> int:
+    """Write an ``H×W`` ``uint8`` canvas as a tiled pyramidal palette TIFF, atomically.
+
+    Level 0 is the canvas; each further level halves it (nearest neighbour, so values stay
+    class indices) until its longer side is at most ``min_side``; reduced levels are
+    SubIFDs of level 0 (as OME-TIFF and QuPath read them). Each level is built from the
+    previous one in bands, so memory stays at a few bands of rows.
+
+    Args:
+        path: Destination (``.tif``).
+        canvas: The mask.
+        palette: RGB of every mask value.
+        mpp: Microns per canvas pixel, stored as the resolution (per centimetre).
+        tile: TIFF tile side (a multiple of 16).
+        min_side: Stop adding levels once the longer side is at most this.
+
+    Returns:
+        Number of levels written.
+    """
+    from hisynseg.slides.tiff import import_tifffile
+
+    tifffile = import_tifffile(path)
+    path = Path(path)
+    levels = [canvas]
+    temps: list[DiskCanvas] = []
+    try:
+        while max(levels[-1].shape) > min_side and min(levels[-1].shape) > 1:
+            prev = levels[-1]
+            h, w = (prev.height + 1) // 2, (prev.width + 1) // 2
+            nxt = DiskCanvas.create(
+                path.parent / f".{path.name}.level{len(levels)}.tmp", (h, w), np.uint8
+            )
+            temps.append(nxt)
+            for top, rows in prev.bands(2 * tile):
+                nxt.write_rows(top // 2, rows[::2, ::2])
+            levels.append(nxt)
+        cmap = _colormap(palette)
+        options: dict[str, Any] = {
+            "photometric": "palette",
+            "colormap": cmap,
+            "compression": "zlib",
+            "tile": (tile, tile),
+        }
+        if mpp is not None:
+            options["resolution"] = (1e4 / mpp, 1e4 / mpp)
+            options["resolutionunit"] = "CENTIMETER"
+        with (
+            atomic_path(path) as tmp,
+            tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(canvas)) as tif,
+        ):
+            for i, level in enumerate(levels):
+                extra = {"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}
+                tif.write(
+                    _tiles(level, tile),
+                    shape=level.shape,
+                    dtype=np.uint8,
+                    **options,
+                    **extra,
+                )
+    finally:
+        for t in temps:
+            t.unlink()
+    return len(levels)
+
+
+def _needs_bigtiff(canvas: DiskCanvas) -> bool:
+    # Deflated masks are small, but classic TIFF offsets stop at 4 GiB: be safe early.
+    return canvas.height * canvas.width > 2**31
+
+
+def _tiles(canvas: DiskCanvas, tile: int) -> Any:
+    """The canvas as ``tile×tile`` tiles, row by row, padded with zeros at the edges."""
+    for _, rows in canvas.bands(tile):
+        if rows.shape[0] < tile:
+            rows = np.pad(rows, ((0, tile - rows.shape[0]), (0, 0)))
+        for left in range(0, canvas.width, tile):
+            block = rows[:, left : left + tile]
+            if block.shape[1] < tile:
+                block = np.pad(block, ((0, 0), (0, tile - block.shape[1])))
+            yield np.ascontiguousarray(block)
+
+
+def area_table(
+    counts: np.ndarray,
+    labels: ClassLabels,
+    output_mpp: float | None,
+    level0_per_output: float,
+) -> list[dict[str, Any]]:
+    """One row per class (then background): pixels, tissue share, area.
+
+    Args:
+        counts: Output pixels per mask value (256 entries).
+        labels: The classes.
+        output_mpp: Microns per output pixel, or ``None`` (µm² columns left empty).
+        level0_per_output: Level-0 pixels per output pixel (side).
+
+    Returns:
+        Rows with ``index``, ``class``, ``pixels``, ``tissue_fraction``, ``area_um2``,
+        ``area_level0_px``.
+    """
+    counts = np.asarray(counts, np.int64)
+    tissue = int(sum(counts[i] for i in range(len(labels.names))))
+    rows = []
+    for index in [*range(len(labels.names)), labels.background_index]:
+        n = int(counts[index])
+        rows.append(
+            {
+                "index": index,
+                "class": labels.name(index),
+                "pixels": n,
+                "tissue_fraction": (
+                    round(n / tissue, 6) if tissue and index != labels.background_index else ""
+                ),
+                "area_um2": round(n * output_mpp**2, 3) if output_mpp is not None else "",
+                "area_level0_px": round(n * level0_per_output**2, 3),
+            }
+        )
+    return rows
+
+
+def write_area_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write :func:`area_table` rows as CSV, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _ring(contour: np.ndarray, sx: float, sy: float, clockwise: bool) -> list[list[float]] | None:
+    """A closed GeoJSON ring from an OpenCV contour, pixel centres in level-0 coordinates."""
+    pts = contour.reshape(-1, 2).astype(np.float64)
+    if len(pts) < 3:
+        return None
+    # Shoelace sign in image coordinates (y down): positive = clockwise on screen.
+    x, y = pts[:, 0], pts[:, 1]
+    screen_cw = float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) > 0
+    if screen_cw != clockwise:
+        pts = pts[::-1]
+    coords = np.round((pts + 0.5) * np.array([sx, sy]), 3).tolist()
+    coords.append(coords[0])
+    return coords
+
+
+def mask_to_geojson(
+    mask: np.ndarray,
+    labels: ClassLabels,
+    scale: float | tuple[float, float] = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, Any]:
+    """QuPath-importable GeoJSON of the class regions of an index mask.
+
+    One ``Feature`` per class present: geometry ``Polygon`` (one region) or
+    ``MultiPolygon``, each polygon its outer boundary then its holes (OpenCV's two-level
+    contour hierarchy), vertices at the centres of the boundary pixels, mapped to
+    level-0 pixels by ``x·scale + offset``. Properties follow QuPath:
+    ``{"objectType": "annotation", "classification": {"name", "color"}}``. Regions too
+    small to outline (fewer than three boundary pixels) are left out.
+
+    Args:
+        mask: ``H×W`` class indices.
+        labels: Class names and colours (background gets no feature).
+        scale: Level-0 pixels per mask pixel, one value or ``(sx, sy)``.
+        offset: Level-0 position of the mask's origin.
+    """
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale  # type: ignore[misc]
+    ox, oy = offset
+    features = []
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    for index, name in enumerate(labels.names):
+        binary = (mask == index).astype(np.uint8)
+        if not binary.any():
+            continue
+        contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        polygons = []
+        if hierarchy is not None:
+            hier = hierarchy[0]
+            for i, contour in enumerate(contours):
+                if hier[i][3] != -1:
+                    continue  # a hole: added with its outer boundary
+                # RFC 7946: exterior rings counter-clockwise, holes clockwise (y up).
+                # Image y points down, so "counter-clockwise" here is clockwise on screen.
+                outer = _ring(contour, sx, sy, clockwise=True)
+                if outer is None:
+                    continue
+                rings = [outer]
+                child = hier[i][2]
+                while child != -1:
+                    hole = _ring(contours[child], sx, sy, clockwise=False)
+                    if hole is not None:
+                        rings.append(hole)
+                    child = hier[child][0]
+                if ox or oy:
+                    rings = [[[x + ox, y + oy] for x, y in r] for r in rings]
+                polygons.append(rings)
+        if not polygons:
+            continue
+        geometry = (
+            {"type": "Polygon", "coordinates": polygons[0]}
+            if len(polygons) == 1
+            else {"type": "MultiPolygon", "coordinates": polygons}
+        )
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "objectType": "annotation",
+                    "name": name,
+                    "classification": {"name": name, "color": list(labels.palette[index])},
+                    "isLocked": False,
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -> None:
+    """Write a GeoJSON object compactly, atomically."""
+    atomic_write_text(path, json.dumps(collection, separators=(",", ":")) + "\n")

@@ -1,0 +1,402 @@
+"""Predicting a list of images and slides into an output folder (``hisynseg predict``).
+
+Per input ``NAME`` (the file's stem; its full name when two inputs share a stem):
+
+* ``NAME.mask.png`` (pictures) or ``NAME.mask.tif`` (TIFF and slide files; pyramidal,
+  tiled, palette): class indices at the output resolution;
+* ``NAME.overlay.png``: the class colours over a thumbnail (longer side at most
+  ``overlay_max_side``);
+* ``NAME.areas.csv``: pixels, tissue share and µm² (when the resolution is known) per class;
+* ``NAME.geojson``: QuPath annotations of the class regions in level-0 pixels;
+* ``NAME.probs.npy`` (``save_probs``): ``H×W×C`` ``float16`` probabilities at the output
+  resolution (open with ``np.load(path, mmap_mode="r")``).
+
+An input whose outputs all exist is skipped unless ``overwrite``. An input that fails
+(unreadable file, missing resolution, ...) is reported and the others go on.
+``predict.json`` in the folder records the options, the versions and every input's
+status; it is rewritten after each input, so an interrupted run leaves it current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hisynseg.datasets.io import atomic_path, atomic_write_json, write_mask_png, write_rgb_png
+from hisynseg.errors import HisynsegError
+from hisynseg.evaluation.visualize import overlay_mask
+from hisynseg.inference.canvas import DiskCanvas
+from hisynseg.inference.outputs import (
+    ClassLabels,
+    area_table,
+    mask_to_geojson,
+    write_area_csv,
+    write_geojson,
+    write_mask_tiff,
+)
+from hisynseg.inference.tissue import TissueDetector
+from hisynseg.inference.wsi import BLEND_MODES, PredictionError, plan_tiles, predict_slide
+from hisynseg.slides.base import read_thumbnail
+from hisynseg.slides.open import IMAGE_SUFFIXES, open_slide
+
+__all__ = [
+    "InputResult",
+    "PredictOptions",
+    "output_names",
+    "predict_file",
+    "predict_inputs",
+    "versions",
+]
+
+log = logging.getLogger(__name__)
+
+MASK_FORMATS = ("auto", "png", "tiff")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Settings of a prediction run (all recorded in ``predict.json``).
+
+    Attributes:
+        tile: Tile side in model pixels.
+        overlap: Overlap of neighbouring tiles in model pixels.
+        batch_size: Tiles per network call.
+        target_mpp: Resolution the network runs at (µm/px), ``None`` = native.
+        mpp: The inputs' level-0 resolution, overriding what the files record.
+        output_downsample: Model pixels per output pixel; ``None`` = automatic.
+        max_output_pixels: Cap on the output canvas for the automatic downsample.
+        blend: Weighting of overlapping tiles (``gaussian``, ``cosine``, ``constant``).
+        tissue_detection: Skip glass tiles and mark glass pixels as background.
+        min_tissue: Least tissue share for a tile to be predicted.
+        mask_format: ``auto`` (PNG for pictures, pyramidal TIFF otherwise), ``png``, ``tiff``.
+        save_probs: Also write the probabilities (``NAME.probs.npy``).
+        geojson: Write the QuPath GeoJSON.
+        overlay_max_side: Longer side of the overlay image.
+        geojson_max_pixels: Outline a mask larger than this from a reduced copy.
+        overwrite: Predict inputs whose outputs already exist.
+        max_tiles: Stop each input after this many tiles (quick checks).
+        progress: Progress bar over each input's tiles.
+    """
+
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 8
+    target_mpp: float | None = None
+    mpp: float | None = None
+    output_downsample: int | None = None
+    max_output_pixels: int = 2**26
+    blend: str = "gaussian"
+    tissue_detection: bool = True
+    min_tissue: float = 0.02
+    mask_format: str = "auto"
+    save_probs: bool = False
+    geojson: bool = True
+    overlay_max_side: int = 2048
+    geojson_max_pixels: int = 2**26
+    overwrite: bool = False
+    max_tiles: int | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`PredictionError` for values that cannot work."""
+        if self.tile < 16 or not 0 <= self.overlap < self.tile:
+            raise PredictionError(
+                f"need a tile of at least 16 px and 0 <= overlap < tile; got tile "
+                f"{self.tile}, overlap {self.overlap}"
+            )
+        if self.batch_size < 1:
+            raise PredictionError(f"batch size must be at least 1, got {self.batch_size}")
+        for name in ("target_mpp", "mpp"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise PredictionError(f"{name} must be a positive number of µm/px, got {value}")
+        if self.blend not in BLEND_MODES:
+            raise PredictionError(f"unknown blending {self.blend!r}")
+        if self.mask_format not in MASK_FORMATS:
+            raise PredictionError(f"unknown mask format {self.mask_format!r}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise PredictionError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
+        d = self.output_downsample
+        if d is not None and (d < 1 or self.tile % d or self.overlap % d):
+            raise PredictionError(
+                f"the output downsample ({d}) must divide the tile ({self.tile}) and the "
+                f"overlap ({self.overlap})"
+            )
+
+
+@dataclass
+class InputResult:
+    """The outcome for one input: ``status`` is ``ok``, ``skipped`` or ``failed``."""
+
+    input: str
+    name: str
+    status: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def versions() -> dict[str, Any]:
+    """Versions of Python, hisynseg and the libraries a prediction may use."""
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("hisynseg", "torch", "numpy", "opencv-python-headless", "tifffile"):
+        out[name] = _version(name)
+    for name in ("onnxruntime", "openslide-python", "openslide-bin"):
+        out[name] = _version(name)
+    return out
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def output_names(inputs: Sequence[Path]) -> list[str]:
+    """Output base names: each file's stem, or its whole name where stems collide."""
+    stems = [p.stem for p in inputs]
+    return [p.name if stems.count(p.stem) > 1 else p.stem for p in inputs]
+
+
+def _mask_suffix(path: Path, options: PredictOptions) -> str:
+    if options.mask_format == "png":
+        return ".png"
+    if options.mask_format == "tiff":
+        return ".tif"
+    return ".png" if path.suffix.lower() in IMAGE_SUFFIXES else ".tif"
+
+
+def output_paths(path: Path, name: str, out_dir: Path, options: PredictOptions) -> dict[str, Path]:
+    """The files one input produces, by kind."""
+    paths = {
+        "mask": out_dir / f"{name}.mask{_mask_suffix(path, options)}",
+        "overlay": out_dir / f"{name}.overlay.png",
+        "areas": out_dir / f"{name}.areas.csv",
+    }
+    if options.geojson:
+        paths["geojson"] = out_dir / f"{name}.geojson"
+    if options.save_probs:
+        paths["probs"] = out_dir / f"{name}.probs.npy"
+    return paths
+
+
+def _fit(
+    width: int, height: int, max_pixels: float, max_side: float | None = None
+) -> tuple[int, int]:
+    """``(w, h)`` shrunk (never enlarged) to at most ``max_pixels`` and ``max_side``."""
+    f = 1.0
+    if width * height > max_pixels:
+        f = math.sqrt(max_pixels / (width * height))
+    if max_side is not None and max(width, height) * f > max_side:
+        f = max_side / max(width, height)
+    return max(1, int(width * f)), max(1, int(height * f))
+
+
+def predict_file(
+    path: str | os.PathLike[str],
+    predict: Callable[[np.ndarray], np.ndarray],
+    num_classes: int,
+    labels: ClassLabels,
+    out_dir: str | os.PathLike[str],
+    options: PredictOptions,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Predict one image or slide and write its outputs.
+
+    Args:
+        path: The input file.
+        predict: Backend: ``B×T×T×3`` ``uint8`` → ``B×C×T×T`` probabilities.
+        num_classes: ``C``.
+        labels: Names, palette and background index of the classes.
+        out_dir: Output folder.
+        options: Settings.
+        name: Output base name (default: the file's stem).
+
+    Returns:
+        Details: the tile plan, tile counts, timings, output paths.
+
+    Raises:
+        SlideReadError, ImageReadError: The input cannot be read.
+        MissingMPPError: A target resolution without a known slide resolution.
+        Exception: Whatever else goes wrong; no partial output is left under a final name.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    name = name or path.stem
+    paths = output_paths(path, name, out_dir, options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reader = open_slide(path)
+    with contextlib.ExitStack() as stack:
+        stack.callback(reader.close)
+        plan = plan_tiles(
+            reader,
+            tile=options.tile,
+            overlap=options.overlap,
+            target_mpp=options.target_mpp,
+            mpp=options.mpp,
+            output_downsample=options.output_downsample,
+            max_output_pixels=options.max_output_pixels,
+        )
+        wo, ho = plan.output_size
+        tissue = TissueDetector.fit(reader) if options.tissue_detection else None
+        mask = DiskCanvas.create(
+            out_dir / f".{name}.mask.{os.getpid()}.raw.tmp", (ho, wo), np.uint8
+        )
+        stack.callback(mask.unlink)
+        probs = None
+        if options.save_probs:
+            tmp = stack.enter_context(atomic_path(paths["probs"]))
+            probs = DiskCanvas.create(tmp, (ho, wo, num_classes), np.float16, npy=True)
+        stats = predict_slide(
+            reader,
+            predict,
+            plan,
+            num_classes,
+            labels.background_index,
+            mask,
+            probs,
+            batch_size=options.batch_size,
+            blend=options.blend,
+            tissue=tissue,
+            min_tissue=options.min_tissue,
+            max_tiles=options.max_tiles,
+            progress=options.progress,
+            description=path.name,
+        )
+        t0 = time.perf_counter()
+        if paths["mask"].suffix == ".png":
+            write_mask_png(paths["mask"], mask.read_all(), labels.palette)
+            levels = 1
+        else:
+            levels = write_mask_tiff(paths["mask"], mask, labels.palette, mpp=plan.output_mpp)
+        ow, oh = _fit(wo, ho, math.inf, options.overlay_max_side)
+        small = mask.resample_nearest(ow, oh)
+        thumb = read_thumbnail(reader, (ow, oh))
+        write_rgb_png(
+            paths["overlay"],
+            overlay_mask(thumb, small, labels.palette, skip_index=labels.background_index),
+        )
+        rows = area_table(stats.counts, labels, plan.output_mpp, plan.level0_per_output)
+        write_area_csv(paths["areas"], rows)
+        if options.geojson:
+            gw, gh = _fit(wo, ho, options.geojson_max_pixels)
+            gmask = mask.read_all() if (gw, gh) == (wo, ho) else mask.resample_nearest(gw, gh)
+            f = plan.level0_per_output
+            write_geojson(
+                paths["geojson"], mask_to_geojson(gmask, labels, (f * wo / gw, f * ho / gh))
+            )
+        write_seconds = time.perf_counter() - t0
+    return {
+        "size": list(reader.dimensions),
+        "levels": len(reader.level_dimensions),
+        "mpp": reader.mpp,
+        "plan": plan.to_dict(),
+        **stats.to_dict(),
+        "mask_levels": levels,
+        "write_seconds": round(write_seconds, 3),
+        "areas": rows,
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+
+
+def predict_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    predict: Callable[[np.ndarray], np.ndarray],
+    num_classes: int,
+    labels: ClassLabels,
+    out_dir: str | os.PathLike[str],
+    options: PredictOptions,
+    run_info: dict[str, Any] | None = None,
+    report: Callable[[InputResult], None] | None = None,
+) -> list[InputResult]:
+    """Predict every input, going on past failures; keep ``out_dir/predict.json`` current.
+
+    Args:
+        inputs: Files (see :func:`hisynseg.slides.list_inputs` for folders).
+        predict: The backend.
+        num_classes: Its number of classes.
+        labels: Class names and colours.
+        out_dir: Output folder.
+        options: Settings.
+        run_info: Extra entries for ``predict.json`` (checkpoint, backend, ...).
+        report: Called with each input's result as soon as it is known.
+
+    Returns:
+        One result per input, in order.
+    """
+    options.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in inputs]
+    names = output_names(paths)
+    results: list[InputResult] = []
+    header = {
+        **(run_info or {}),
+        "options": asdict(options),
+        "labels": {
+            "classes": list(labels.names),
+            "palette": [list(c) for c in labels.palette],
+            "background_index": labels.background_index,
+        },
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    def save(finished: bool) -> None:
+        counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+        atomic_write_json(
+            out_dir / "predict.json",
+            {
+                **header,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if finished else None,
+                "summary": {"inputs": len(paths), "done": len(results), **counts},
+                "inputs": [asdict(r) for r in results],
+            },
+        )
+
+    save(False)
+    for path, name in zip(paths, names, strict=True):
+        expected = output_paths(path, name, out_dir, options)
+        start = time.perf_counter()
+        if not options.overwrite and all(p.is_file() for p in expected.values()):
+            result = InputResult(
+                str(path), name, "skipped", {k: str(v) for k, v in expected.items()}
+            )
+            result.details["reason"] = "outputs exist (use --overwrite to predict again)"
+        else:
+            try:
+                details = predict_file(
+                    path, predict, num_classes, labels, out_dir, options, name=name
+                )
+                result = InputResult(str(path), name, "ok", details.pop("outputs"), details=details)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                message = (
+                    str(exc) if isinstance(exc, HisynsegError) else f"{type(exc).__name__}: {exc}"
+                )
+                if str(path) not in message:
+                    message = f"{path}: {message}"
+                log.debug("%s failed:\n%s", path, traceback.format_exc())
+                result = InputResult(str(path), name, "failed", error=message)
+        result.seconds = round(time.perf_counter() - start, 3)
+        results.append(result)
+        if report is not None:
+            report(result)
+        save(False)
+    save(True)
+    return results

@@ -1,0 +1,454 @@
+"""Tiled, streaming prediction of whole-slide images (and of any image, the same way).
+
+The splitter/merger design of MONAI's and TIAToolbox's sliding-window inference, made to
+stream:
+
+1. **Plan** (:func:`plan_tiles`): the network runs at a target resolution (µm/px); the
+   slide is read from the coarsest pyramid level that still has that resolution and
+   shrunk by the remainder. Tiles of ``tile×tile`` model pixels overlap by ``overlap``;
+   starts come from :func:`hisynseg.inference.sliding.window_starts`, on a grid aligned
+   to the output downsample, row by row.
+2. **Skip glass**: a tile whose footprint holds less than ``min_tissue`` tissue on the
+   slide's thumbnail (:class:`~hisynseg.inference.tissue.TissueDetector`) is not run.
+3. **Predict** batches of tiles (read ahead in a background thread) with a backend that
+   maps RGB tiles to class probabilities (:mod:`hisynseg.inference.backends`).
+4. **Blend**: each tile's probabilities, reduced to the output resolution, are weighted by
+   a window that falls off towards the tile's border (Gaussian by default), so seams
+   vanish, and accumulated in a band of rows one tile high
+   (a :class:`~hisynseg.inference.sliding.ProbabilityMerger` in memory).
+5. **Stream out**: tiles come in row order, so once the first tile of a new row arrives
+   every row above it is final; those rows are averaged, turned into class indices
+   (glass and unpredicted pixels get the background index) and written to a disk-backed
+   :class:`~hisynseg.inference.canvas.DiskCanvas` (and the probabilities to another),
+   then dropped from memory. Memory follows the output's width, never its height.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from hisynseg.errors import HisynsegError
+from hisynseg.inference.canvas import DiskCanvas
+from hisynseg.inference.sliding import ProbabilityMerger, window_starts
+from hisynseg.inference.tissue import TissueDetector
+from hisynseg.slides.base import SlideReader, best_level
+
+__all__ = [
+    "BLEND_MODES",
+    "MissingMPPError",
+    "PredictionError",
+    "SlidePrediction",
+    "TilePlan",
+    "blend_weights",
+    "plan_tiles",
+    "predict_slide",
+    "read_tile",
+]
+
+BLEND_MODES = ("gaussian", "cosine", "constant")
+# Weights never reach zero, so that pixels covered by one tile's rim only still count.
+_MIN_WEIGHT = 1e-3
+
+ProbabilityFn = Callable[[np.ndarray], np.ndarray]
+
+
+class PredictionError(HisynsegError, ValueError):
+    """Settings that cannot be used for a slide; the message says which and why."""
+
+
+class MissingMPPError(PredictionError):
+    """A target resolution was asked for, but the slide's own resolution is unknown."""
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one slide are and what resolution everything is at.
+
+    Attributes:
+        level: Pyramid level the tiles are read from.
+        scale: Level-0 pixels per model pixel (1 at the native resolution).
+        level_scale: Level pixels per model pixel (>= 1; 1 means read as is).
+        model_size: ``(width, height)`` of the slide at the model's resolution.
+        tile: Tile side in model pixels.
+        overlap: Overlap of neighbouring tiles in model pixels.
+        output_downsample: Model pixels per output pixel (side).
+        output_size: ``(width, height)`` of the output canvas.
+        mpp: Microns per level-0 pixel used (from the slide or given), or ``None``.
+        target_mpp: Microns per model pixel asked for, or ``None`` (native resolution).
+        tops: Tile rows (model pixels), increasing.
+        lefts: Tile columns (model pixels), increasing.
+    """
+
+    level: int
+    scale: float
+    level_scale: float
+    model_size: tuple[int, int]
+    tile: int
+    overlap: int
+    output_downsample: int
+    output_size: tuple[int, int]
+    mpp: float | None
+    target_mpp: float | None
+    tops: tuple[int, ...] = field(repr=False)
+    lefts: tuple[int, ...] = field(repr=False)
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.tops) * len(self.lefts)
+
+    @property
+    def level0_per_output(self) -> float:
+        """Level-0 pixels per output pixel (side): maps output coordinates to the slide."""
+        return self.scale * self.output_downsample
+
+    @property
+    def output_mpp(self) -> float | None:
+        """Microns per output pixel, when the slide's resolution is known."""
+        return None if self.mpp is None else self.mpp * self.level0_per_output
+
+    def tiles(self) -> Iterator[tuple[int, int]]:
+        """``(top, left)`` of every tile in model pixels, row by row."""
+        for top in self.tops:
+            for left in self.lefts:
+                yield top, left
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["tops"], data["lefts"]
+        data.update(
+            tiles_down=len(self.tops),
+            tiles_across=len(self.lefts),
+            num_tiles=self.num_tiles,
+            output_mpp=self.output_mpp,
+            level0_per_output=self.level0_per_output,
+        )
+        return data
+
+
+def plan_tiles(
+    reader: SlideReader,
+    tile: int = 512,
+    overlap: int = 64,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
+    output_downsample: int | None = None,
+    max_output_pixels: int = 2**26,
+) -> TilePlan:
+    """The tiling of ``reader``'s slide.
+
+    Args:
+        reader: The slide.
+        tile: Tile side in model pixels.
+        overlap: Overlap between neighbouring tiles in model pixels (``< tile``).
+        target_mpp: Resolution the network runs at, µm per pixel (the resolution of its
+            training images); ``None`` runs at the slide's native resolution (level 0).
+        mpp: The slide's level-0 resolution, overriding (or standing in for) what the
+            file records.
+        output_downsample: Model pixels per output pixel; ``None`` picks the smallest
+            power of two that keeps the output within ``max_output_pixels`` (among those
+            dividing ``tile`` and ``overlap``).
+        max_output_pixels: Cap on the output canvas for the automatic downsample.
+
+    Raises:
+        MissingMPPError: ``target_mpp`` given, and neither the slide nor ``mpp`` says
+            the slide's resolution.
+        PredictionError: Inconsistent tile, overlap or downsample.
+    """
+    if tile < 1 or not 0 <= overlap < tile:
+        raise PredictionError(f"need tile >= 1 and 0 <= overlap < tile; got {tile}, {overlap}")
+    slide_mpp = mpp if mpp is not None else reader.mpp
+    if mpp is not None and mpp <= 0:
+        raise PredictionError(f"--mpp must be positive, got {mpp}")
+    scale = 1.0
+    if target_mpp is not None:
+        if target_mpp <= 0:
+            raise PredictionError(f"the target resolution must be positive, got {target_mpp} µm/px")
+        if slide_mpp is None:
+            raise MissingMPPError(
+                f"{reader.path}: the file does not record its resolution (µm per pixel), "
+                f"so it cannot be brought to the target {target_mpp:g} µm/px; pass --mpp "
+                "with the slide's µm per pixel, or leave out --target-mpp to predict at "
+                "the native resolution"
+            )
+        scale = target_mpp / slide_mpp
+    w0, h0 = reader.dimensions
+    level = best_level(reader, scale)
+    level_scale = scale / reader.level_downsamples[level]
+    wm, hm = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+    if output_downsample is None:
+        # Powers of two that divide tile and overlap, so tiles stay on the output grid.
+        d = 1
+        while (
+            math.ceil(wm / d) * math.ceil(hm / d) > max_output_pixels
+            and tile % (2 * d) == 0
+            and overlap % (2 * d) == 0
+        ):
+            d *= 2
+    else:
+        d = int(output_downsample)
+    if d < 1 or tile % d or overlap % d:
+        raise PredictionError(
+            f"the output downsample ({d}) must divide the tile ({tile}) and the overlap "
+            f"({overlap}); choose --output-downsample among their common divisors"
+        )
+    wo, ho = math.ceil(wm / d), math.ceil(hm / d)
+    step = (tile - overlap) // d
+    tops = tuple(s * d for s in window_starts(ho, tile // d, step))
+    lefts = tuple(s * d for s in window_starts(wo, tile // d, step))
+    return TilePlan(
+        level=level,
+        scale=scale,
+        level_scale=level_scale,
+        model_size=(wm, hm),
+        tile=tile,
+        overlap=overlap,
+        output_downsample=d,
+        output_size=(wo, ho),
+        mpp=slide_mpp,
+        target_mpp=target_mpp,
+        tops=tops,
+        lefts=lefts,
+    )
+
+
+def blend_weights(size: int, mode: str = "gaussian") -> np.ndarray:
+    """``size×size`` ``float32`` weights of a tile's pixels, highest at the centre.
+
+    ``gaussian``: σ = size/8 (MONAI's default); ``cosine``: a Hann window; ``constant``:
+    plain averaging. All are floored at 1e-3 of the peak.
+    """
+    if mode not in BLEND_MODES:
+        raise PredictionError(
+            f"unknown blending {mode!r}; expected one of {', '.join(BLEND_MODES)}"
+        )
+    pos = np.arange(size, dtype=np.float64) + 0.5 - size / 2
+    if mode == "constant":
+        line = np.ones(size)
+    elif mode == "gaussian":
+        line = np.exp(-0.5 * (pos / (size / 8)) ** 2)
+    else:
+        line = np.cos(np.pi * pos / size) ** 2
+    w = np.outer(line, line)
+    return np.maximum(w / w.max(), _MIN_WEIGHT).astype(np.float32)
+
+
+def _pool(x: np.ndarray, d: int) -> np.ndarray:
+    """Mean over ``d×d`` blocks of the last two axes (sides divisible by ``d``)."""
+    if d == 1:
+        return x
+    *lead, h, w = x.shape
+    return x.reshape(*lead, h // d, d, w // d, d).mean(axis=(-3, -1))
+
+
+def read_tile(reader: SlideReader, plan: TilePlan, top: int, left: int) -> np.ndarray:
+    """The ``tile×tile×3`` RGB tile at model pixel ``(top, left)`` (white beyond the slide)."""
+    t, r = plan.tile, plan.level_scale
+    if abs(r - 1.0) < 1e-6:
+        return reader.read_region(plan.level, left, top, t, t)
+    lx, ly, span = left * r, top * r, t * r
+    x0, y0 = math.floor(lx), math.floor(ly)
+    x1, y1 = math.ceil(lx + span), math.ceil(ly + span)
+    region = reader.read_region(plan.level, x0, y0, x1 - x0, y1 - y0)
+    ox, oy = round((lx - x0) / r), round((ly - y0) / r)
+    w = max(round((x1 - x0) / r), ox + t)
+    h = max(round((y1 - y0) / r), oy + t)
+    small = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(small[oy : oy + t, ox : ox + t])
+
+
+class _BandAccumulator:
+    """Blended sums of a band of output rows one tile high, sliding down the canvas."""
+
+    def __init__(self, channels: int, rows: int, width: int) -> None:
+        self.merger = ProbabilityMerger(channels, rows, width)
+        self.rows = rows
+        self.top = 0
+
+    def add(self, probs: np.ndarray, top: int, left: int, weight: np.ndarray) -> None:
+        if top < self.top or top + probs.shape[1] > self.top + self.rows:
+            raise AssertionError(f"tile at row {top} outside the band at {self.top}")
+        self.merger.add(probs, top - self.top, left, weight)
+
+    def flush(self, until: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Finish rows up to ``until``: ``(top, averages C×n×W, covered n×W)`` per chunk."""
+        m = self.merger
+        while self.top < until:
+            n = min(until - self.top, self.rows)
+            yield self.top, m.region(0, 0, n, m.width), m.weights[:n] > 0
+            if n < self.rows:
+                m.sums[:, : self.rows - n] = m.sums[:, n:]
+                m.weights[: self.rows - n] = m.weights[n:]
+            m.sums[:, self.rows - n :] = 0
+            m.weights[self.rows - n :] = 0
+            self.top += n
+
+
+@dataclass
+class SlidePrediction:
+    """What :func:`predict_slide` did.
+
+    Attributes:
+        counts: Output pixels per mask value (256 entries).
+        tiles_total: Tiles in the plan.
+        tiles_with_tissue: Tiles that passed the tissue test.
+        tiles_predicted: Tiles run through the network (fewer with ``max_tiles``).
+        tissue_threshold: Saturation threshold of the tissue test, or ``None``.
+        seconds: Wall time of the tile loop.
+        predict_seconds: Time spent in the backend.
+    """
+
+    counts: np.ndarray
+    tiles_total: int
+    tiles_with_tissue: int
+    tiles_predicted: int
+    tissue_threshold: float | None
+    seconds: float
+    predict_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tiles_total": self.tiles_total,
+            "tiles_with_tissue": self.tiles_with_tissue,
+            "tiles_predicted": self.tiles_predicted,
+            "tissue_threshold": self.tissue_threshold,
+            "seconds": round(self.seconds, 3),
+            "predict_seconds": round(self.predict_seconds, 3),
+            "tiles_per_second": round(self.tiles_predicted / self.seconds, 3)
+            if self.seconds > 0
+            else None,
+        }
+
+
+def predict_slide(
+    reader: SlideReader,
+    predict: ProbabilityFn,
+    plan: TilePlan,
+    num_classes: int,
+    background_index: int,
+    mask_out: DiskCanvas,
+    probs_out: DiskCanvas | None = None,
+    *,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    tissue: TissueDetector | None = None,
+    min_tissue: float = 0.02,
+    max_tiles: int | None = None,
+    progress: bool = False,
+    description: str = "tiles",
+) -> SlidePrediction:
+    """Predict a slide tile by tile into ``mask_out`` (and ``probs_out``).
+
+    Args:
+        reader: The slide.
+        predict: Maps ``B×T×T×3`` ``uint8`` RGB tiles to ``B×C×T×T`` probabilities.
+        plan: From :func:`plan_tiles`.
+        num_classes: ``C``.
+        background_index: Mask value of glass and of pixels no tile predicted.
+        mask_out: ``H×W`` ``uint8`` canvas of ``plan.output_size``.
+        probs_out: Optional ``H×W×C`` canvas (e.g. ``float16``) for the probabilities.
+        batch_size: Tiles per ``predict`` call.
+        blend: Weighting of overlapping tiles (:data:`BLEND_MODES`).
+        tissue: Skip tiles with less than ``min_tissue`` tissue, and give glass pixels
+            the background index; ``None`` predicts every tile and every pixel.
+        min_tissue: Least tissue share of a tile's footprint for it to be predicted.
+        max_tiles: Stop after this many tiles (quick checks; the rest stays background).
+        progress: Show a progress bar over the tiles.
+        description: Progress bar label.
+
+    Returns:
+        Counts per class and tile statistics.
+    """
+    from tqdm.auto import tqdm
+
+    wo, ho = plan.output_size
+    if mask_out.shape != (ho, wo):
+        raise ValueError(f"mask canvas {mask_out.shape} for an output of {(ho, wo)}")
+    if probs_out is not None and probs_out.shape != (ho, wo, num_classes):
+        raise ValueError(f"probability canvas {probs_out.shape} for {(ho, wo, num_classes)}")
+    if batch_size < 1:
+        raise PredictionError(f"batch size must be at least 1, got {batch_size}")
+    t, d, s = plan.tile, plan.output_downsample, plan.scale
+    start = time.perf_counter()
+    tiles = list(plan.tiles())
+    if tissue is not None:
+        tiles = [
+            (top, left)
+            for top, left in tiles
+            if tissue.fraction(left * s, top * s, t * s, t * s) >= min_tissue
+        ]
+    with_tissue = len(tiles)
+    if max_tiles is not None:
+        tiles = tiles[: max(0, max_tiles)]
+    weight = _pool(blend_weights(t, blend), d)
+    channels = num_classes + (1 if tissue is not None else 0)
+    band = _BandAccumulator(channels, t // d, wo)
+    counts = np.zeros(256, np.int64)
+
+    def emit(top: int, averages: np.ndarray, covered: np.ndarray) -> None:
+        labels = averages[:num_classes].argmax(axis=0).astype(np.uint8)
+        glass = ~covered
+        if tissue is not None:
+            glass |= averages[num_classes] < 0.5
+        labels[glass] = background_index
+        mask_out.write_rows(top, labels)
+        counts[:] += np.bincount(labels.ravel(), minlength=256)
+        if probs_out is not None:
+            p = averages[:num_classes].transpose(1, 2, 0).astype(probs_out.dtype)
+            p[~covered] = 0
+            probs_out.write_rows(top, p)
+
+    def load(batch: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        images = np.stack([read_tile(reader, plan, top, left) for top, left in batch])
+        if tissue is None:
+            return images, [None] * len(batch)
+        return images, [_pool(tissue.pixel_mask(im).astype(np.float32), d) for im in images]
+
+    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    predict_seconds = 0.0
+    bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
+    try:
+        # One reader thread keeps the next two batches ready while the network runs.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = deque(pool.submit(load, b) for b in batches[:2])
+            for i, batch in enumerate(batches):
+                images, masks = pending.popleft().result()
+                if i + 2 < len(batches):
+                    pending.append(pool.submit(load, batches[i + 2]))
+                t0 = time.perf_counter()
+                probs = np.asarray(predict(images), dtype=np.float32)
+                predict_seconds += time.perf_counter() - t0
+                if probs.shape != (len(batch), num_classes, t, t):
+                    raise PredictionError(
+                        f"the model returned {probs.shape} for {len(batch)} tiles; "
+                        f"expected {(len(batch), num_classes, t, t)}"
+                    )
+                for (top, left), p, m in zip(batch, probs, masks, strict=True):
+                    p = _pool(p, d)
+                    if m is not None:
+                        p = np.concatenate([p, m[None]], axis=0)
+                    for chunk in band.flush(top // d):
+                        emit(*chunk)
+                    band.add(p, top // d, left // d, weight)
+                bar.update(len(batch))
+        for chunk in band.flush(ho):
+            emit(*chunk)
+    finally:
+        bar.close()
+    return SlidePrediction(
+        counts=counts,
+        tiles_total=plan.num_tiles,
+        tiles_with_tissue=with_tissue,
+        tiles_predicted=len(tiles),
+        tissue_threshold=None if tissue is None else tissue.threshold,
+        seconds=time.perf_counter() - start,
+        predict_seconds=predict_seconds,
+    )

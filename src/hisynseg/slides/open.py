@@ -1,0 +1,88 @@
+"""Choosing the reader for a file, and listing the inputs of a folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from hisynseg.slides.base import SlideReader, SlideReadError
+
+__all__ = ["IMAGE_SUFFIXES", "INPUT_SUFFIXES", "SLIDE_SUFFIXES", "list_inputs", "open_slide"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+# Read by OpenSlide when it is installed; tifffile reads the first two without it.
+OPENSLIDE_PREFERRED = (".svs", ".ndpi")
+OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
+SLIDE_SUFFIXES = (".tif", ".tiff", *OPENSLIDE_PREFERRED, *OPENSLIDE_ONLY)
+INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *SLIDE_SUFFIXES)
+
+
+def _has_openslide() -> bool:
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_slide(path: str | os.PathLike[str]) -> SlideReader:
+    """Open ``path`` with the reader its format needs.
+
+    PNG/JPEG/BMP: :class:`PlainImageReader`; TIFF (plain or pyramidal):
+    :class:`TiffSlideReader`; SVS and NDPI: OpenSlide when installed, else tifffile;
+    MIRAX, Ventana, Hamamatsu VMS/VMU, Leica SCN, Philips: OpenSlide.
+
+    Raises:
+        SlideReadError: Missing or unreadable file, an unknown suffix, or a format whose
+            reader is not installed (the message names the pip extra).
+        ImageReadError: A corrupt plain image.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise SlideReadError(f"{path}: file not found")
+    if suffix in IMAGE_SUFFIXES:
+        from hisynseg.slides.plain import PlainImageReader
+
+        return PlainImageReader(path)
+    if suffix in OPENSLIDE_ONLY or (suffix in OPENSLIDE_PREFERRED and _has_openslide()):
+        from hisynseg.slides.openslide_reader import OpenSlideReader
+
+        return OpenSlideReader(path)
+    if suffix in (".tif", ".tiff", *OPENSLIDE_PREFERRED):
+        from hisynseg.slides.tiff import TiffSlideReader
+
+        return TiffSlideReader(path)
+    raise SlideReadError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'}; expected one of "
+        + ", ".join(INPUT_SUFFIXES)
+    )
+
+
+def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files to predict: each file as given, and the images/slides directly in each folder.
+
+    Folders are listed sorted, hidden files skipped; a path that does not exist is kept
+    (it is reported as a failed input, not silently dropped). Duplicates are removed.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        found = (
+            sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES and not p.name.startswith(".")
+            )
+            if path.is_dir()
+            else [path]
+        )
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out

@@ -1,0 +1,223 @@
+"""Plain and pyramidal TIFF files (and TIFF-based slide formats such as SVS) via tifffile.
+
+Only the tiles or strips a region touches are read and decoded, so a region of a huge
+slide costs what its pixels cost. The pyramid is tifffile's view of the first image
+series (SubIFDs, Aperio/SVS reduced pages, OME-TIFF levels). The resolution comes from,
+in order: an Aperio ``MPP = x`` in the image description, an OME-XML ``PhysicalSizeX``,
+or the XResolution/ResolutionUnit tags (centimetre or inch), each kept only when
+believable (see :data:`hisynseg.slides.base.MPP_RANGE`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hisynseg.slides.base import SlideReadError, fill_region, plausible_mpp, to_rgb_uint8
+
+__all__ = ["TiffSlideReader", "import_tifffile", "tiff_mpp"]
+
+_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def import_tifffile(path: str | os.PathLike[str] | None = None) -> Any:
+    """The ``tifffile`` module, or an error that says how to install it."""
+    try:
+        import tifffile
+    except ImportError:
+        where = f"{path}: " if path is not None else ""
+        raise SlideReadError(
+            f'{where}reading and writing TIFF slides needs tifffile: pip install "hisynseg[slides]"'
+        ) from None
+    return tifffile
+
+
+def tiff_mpp(description: str | None, tags: Any) -> float | None:
+    """Microns per pixel from a TIFF page's description and resolution tags, if believable."""
+    desc = description or ""
+    match = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
+    if match:
+        try:
+            return plausible_mpp(float(match.group(1)))
+        except ValueError:
+            pass
+    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', desc)
+    if match:
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', desc)
+        factor = _UNIT_TO_UM.get(unit.group(1) if unit else "µm")
+        try:
+            if factor is not None:
+                return plausible_mpp(float(match.group(1)) * factor)
+        except ValueError:
+            pass
+    try:
+        xres = tags.get("XResolution")
+        unit = tags.get("ResolutionUnit")
+        if xres is None or unit is None:
+            return None
+        value = xres.value
+        per_unit = value[0] / value[1] if isinstance(value, tuple) else float(value)
+        unit = int(unit.value)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if per_unit <= 0:
+        return None
+    if unit == 3:  # centimetre
+        return plausible_mpp(1e4 / per_unit)
+    if unit == 2:  # inch
+        return plausible_mpp(25400.0 / per_unit)
+    return None
+
+
+class TiffSlideReader:
+    """A TIFF image or pyramid read region by region with tifffile.
+
+    Args:
+        path: The file.
+
+    Raises:
+        SlideReadError: tifffile is missing, or the file is not a readable TIFF image.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        tifffile = import_tifffile(self.path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except FileNotFoundError:
+            raise SlideReadError(f"{self.path}: file not found") from None
+        except Exception as exc:  # tifffile signals damage with many exception types
+            raise SlideReadError(f"{self.path}: not a readable TIFF ({exc})") from None
+        try:
+            if not self._tif.series:
+                raise SlideReadError(f"{self.path}: the TIFF holds no image")
+            series = self._tif.series[0]
+            levels = getattr(series, "levels", None) or [series]
+            pages = [lvl.keyframe for lvl in levels]
+            self._pages = [pages[0]] + [p for p in pages[1:] if p.imagewidth <= pages[0].imagewidth]
+            for page in self._pages:
+                if page.imagedepth > 1:
+                    raise SlideReadError(
+                        f"{self.path}: volumetric (3-D) TIFF tiles are not supported"
+                    )
+            self._mpp = tiff_mpp(self._pages[0].description, self._pages[0].tags)
+        except SlideReadError:
+            self._tif.close()
+            raise
+        except Exception as exc:
+            self._tif.close()
+            raise SlideReadError(f"{self.path}: unusable TIFF structure ({exc})") from None
+        w0 = self._pages[0].imagewidth
+        self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
+        self._downsamples = tuple(w0 / w for w, _ in self._dims)
+        self._lock = threading.Lock()
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._dims[0]
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downsamples
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp
+
+    @property
+    def is_slide(self) -> bool:
+        return len(self._pages) > 1 or self.path.suffix.lower() in _SLIDE_SUFFIXES
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """``height×width×3`` ``uint8`` RGB at ``(x, y)`` of ``level`` (white outside).
+
+        Raises:
+            SlideReadError: A tile cannot be decoded (damaged file, or a compression that
+                needs imagecodecs).
+        """
+        canvas, inside = fill_region(height, width, x, y, self._dims[level])
+        if inside is None:
+            return canvas
+        x0, y0, x1, y1 = inside
+        page = self._pages[level]
+        try:
+            data = self._read_segments(page, x0, y0, x1, y1)
+        except SlideReadError:
+            raise
+        except Exception as exc:
+            hint = ""
+            if "imagecodecs" in str(exc).lower() or isinstance(
+                exc, (KeyError, NotImplementedError)
+            ):
+                hint = " (this compression needs imagecodecs: pip install imagecodecs)"
+            raise SlideReadError(
+                f"{self.path}: cannot decode level {level} at ({x0}, {y0}): {exc}{hint}"
+            ) from None
+        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(data, self.path)
+        return canvas
+
+    def _read_segments(self, page: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The pixels ``[y0, y1)×[x0, x1)`` of ``page``, decoding only the segments needed."""
+        width, length = int(page.imagewidth), int(page.imagelength)
+        if page.is_tiled:
+            seg_h, seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            seg_h, seg_w = min(int(page.rowsperstrip or length), length), width
+        across = math.ceil(width / seg_w)
+        per_plane = across * math.ceil(length / seg_h)
+        samples = int(page.samplesperpixel)
+        planes = samples if page.planarconfig == 2 and samples > 1 else 1
+        if len(page.dataoffsets) != planes * per_plane:
+            raise SlideReadError(
+                f"{self.path}: unexpected segment layout ({len(page.dataoffsets)} segments "
+                f"for {planes}×{per_plane})"
+            )
+        indices = [
+            p * per_plane + ty * across + tx
+            for p in range(planes)
+            for ty in range(y0 // seg_h, (y1 - 1) // seg_h + 1)
+            for tx in range(x0 // seg_w, (x1 - 1) // seg_w + 1)
+        ]
+        dtype = np.dtype(page.dtype)
+        fill = np.iinfo(dtype).max if dtype.kind in "ui" else 1
+        out = np.full((y1 - y0, x1 - x0, samples), fill, dtype=dtype)
+        offsets = [page.dataoffsets[i] for i in indices]
+        counts = [page.databytecounts[i] for i in indices]
+        with self._lock:
+            fh = self._tif.filehandle
+            for data, index in fh.read_segments(offsets, counts, indices=indices):
+                segment, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                if segment is None:  # a missing tile: leave it white
+                    continue
+                segment = segment.reshape(segment.shape[-3:])
+                plane, sy, sx = int(pos[0]), int(pos[2]), int(pos[3])
+                ya, yb = max(sy, y0), min(sy + segment.shape[0], y1)
+                xa, xb = max(sx, x0), min(sx + segment.shape[1], x1)
+                if yb <= ya or xb <= xa:
+                    continue
+                piece = segment[ya - sy : yb - sy, xa - sx : xb - sx]
+                if planes > 1:
+                    out[ya - y0 : yb - y0, xa - x0 : xb - x0, plane] = piece[..., 0]
+                else:
+                    out[ya - y0 : yb - y0, xa - x0 : xb - x0] = piece[..., :samples]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> TiffSlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,299 @@
+"""Tiled, streaming prediction of images and slides, its outputs, and ``hisynseg predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hisynseg.cli import main
+from hisynseg.datasets.io import read_mask, write_rgb_png
+from hisynseg.datasets.spec import get_dataset_spec
+from hisynseg.inference.backends import Backend
+from hisynseg.inference.canvas import DiskCanvas
+from hisynseg.inference.outputs import (
+    ClassLabels,
+    area_table,
+    mask_to_geojson,
+    write_geojson,
+    write_mask_tiff,
+)
+from hisynseg.inference.wsi import MissingMPPError, plan_tiles, predict_slide, read_tile
+from hisynseg.models import build_segmenter
+from hisynseg.models.checkpoint import export_segmenter
+from hisynseg.slides import PlainImageReader, open_slide
+
+tifffile = pytest.importorskip("tifffile")
+
+SPEC = get_dataset_spec("luad-histoseg")
+LABELS = ClassLabels.from_dataset_dict(SPEC.to_dict())
+BG = SPEC.background_index
+
+
+class _ConvNet(nn.Module):
+    """A small fully-convolutional "segmenter" with a known receptive field."""
+
+    def __init__(self, kernel: int, layers: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods.append(nn.Conv2d(3 if i == 0 else 8, 8, kernel, padding=kernel // 2))
+            mods.append(nn.Tanh())
+        mods.append(nn.Conv2d(8, 4, 1))
+        self.net = nn.Sequential(*mods).eval()
+        self.input_divisor = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * 4.0
+
+
+def _texture(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    big = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(big.astype(int) + rng.integers(-20, 20, big.shape), 0, 255).astype(np.uint8)
+
+
+def _predict_tiled(
+    image: np.ndarray, backend: Backend, tmp_path: Path, tile: int, overlap: int, d: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    reader = PlainImageReader("mem", image=image)
+    plan = plan_tiles(reader, tile=tile, overlap=overlap, output_downsample=d)
+    wo, ho = plan.output_size
+    mask = DiskCanvas.create(tmp_path / "mask.raw", (ho, wo), np.uint8)
+    probs = DiskCanvas.create(tmp_path / "probs.npy", (ho, wo, 4), np.float32, npy=True)
+    stats = predict_slide(reader, backend, plan, 4, BG, mask, probs, batch_size=3)
+    assert stats.tiles_predicted == plan.num_tiles > 1
+    return mask.read_all(), np.load(tmp_path / "probs.npy")
+
+
+def test_tiled_equals_whole_image_with_pointwise_model(tmp_path: Path) -> None:
+    image = _texture(128, 160)
+    backend = Backend(_ConvNet(kernel=1, layers=2), 4)
+    whole = backend(image[None])[0]  # the image fits in one pass
+    mask, probs = _predict_tiled(image, backend, tmp_path, tile=64, overlap=16)
+    np.testing.assert_allclose(probs, whole.transpose(1, 2, 0), atol=1e-5)
+    np.testing.assert_array_equal(mask, whole.argmax(0))
+
+
+def test_tiled_equals_whole_image_away_from_seams(tmp_path: Path) -> None:
+    image = _texture(128, 160, seed=1)
+    backend = Backend(_ConvNet(kernel=3, layers=2), 4)  # receptive field 5×5
+    whole = backend(image[None])[0].transpose(1, 2, 0)
+    mask, probs = _predict_tiled(image, backend, tmp_path, tile=64, overlap=32)
+    plan = plan_tiles(PlainImageReader("mem", image=image), tile=64, overlap=32)
+    # Pixels within 2 px of a tile edge inside the image see that tile's zero padding.
+    near = np.zeros(image.shape[:2], bool)
+    for starts, axis, size in ((plan.tops, 0, 128), (plan.lefts, 1, 160)):
+        for s in starts:
+            for edge in (s, s + 64):
+                if 0 < edge < size:
+                    sl = [slice(None), slice(None)]
+                    sl[axis] = slice(max(0, edge - 2), edge + 2)
+                    near[tuple(sl)] = True
+    assert 0.5 < (~near).mean() < 0.95
+    np.testing.assert_allclose(probs[~near], whole[~near], atol=1e-5)
+    np.testing.assert_array_equal(mask[~near], whole.argmax(-1)[~near])
+    assert np.abs(probs[near] - whole[near]).max() > 1e-4  # the seams do differ
+
+
+def test_output_downsample_pools_the_probabilities(tmp_path: Path) -> None:
+    image = _texture(96, 128, seed=2)
+    backend = Backend(_ConvNet(kernel=1, layers=1), 4)
+    whole = backend(image[None])[0]
+    _, probs = _predict_tiled(image, backend, tmp_path, tile=64, overlap=16, d=4)
+    pooled = whole.reshape(4, 24, 4, 32, 4).mean(axis=(2, 4)).transpose(1, 2, 0)
+    np.testing.assert_allclose(probs, pooled, atol=1e-5)
+
+
+def test_target_resolution_reads_the_matching_level(tmp_path: Path) -> None:
+    from test_slides import write_pyramid
+
+    image = _texture(512, 512)
+    write_pyramid(tmp_path / "s.tif", image, mpp=0.5)
+    with open_slide(tmp_path / "s.tif") as reader:
+        plan = plan_tiles(reader, tile=128, overlap=32, target_mpp=1.0)
+        assert (plan.level, plan.scale, plan.level_scale) == (1, 2.0, 1.0)
+        assert plan.model_size == (256, 256) and plan.output_mpp == pytest.approx(1.0)
+        tile = read_tile(reader, plan, 96, 32)
+        np.testing.assert_array_equal(tile, image[::2, ::2][96:224, 32:160])
+        # Between levels: read level 0, shrink by 4/3.
+        plan = plan_tiles(reader, tile=128, overlap=0, target_mpp=0.75 * 0.5 / 0.5 * 1.0)
+        assert plan.level == 0 and plan.level_scale == pytest.approx(1.5)
+        small = cv2.resize(image, (341, 341), interpolation=cv2.INTER_AREA)
+        diff = np.abs(read_tile(reader, plan, 0, 0).astype(int) - small[:128, :128]).mean()
+        assert diff < 20  # same picture, up to resampling of a random texture
+
+
+def test_missing_mpp_is_a_clear_error() -> None:
+    reader = PlainImageReader("scan.png", image=np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(MissingMPPError, match=r"scan\.png.*--mpp"):
+        plan_tiles(reader, tile=32, overlap=0, target_mpp=1.0)
+    plan = plan_tiles(reader, tile=32, overlap=0, target_mpp=1.0, mpp=0.5)
+    assert plan.model_size == (32, 32)
+
+
+def _blobs() -> np.ndarray:
+    mask = np.full((120, 160), BG, np.uint8)
+    cv2.circle(mask, (40, 40), 30, 0, -1)
+    cv2.circle(mask, (40, 40), 10, 1, -1)  # class 1 inside a hole of class 0
+    cv2.rectangle(mask, (90, 10), (150, 50), 2, -1)
+    cv2.rectangle(mask, (90, 80), (110, 110), 2, -1)  # class 2: two regions
+    cv2.ellipse(mask, (60, 95), (25, 15), 0, 0, 360, 3, -1)
+    return mask
+
+
+def test_geojson_parses_and_covers_the_mask_regions(tmp_path: Path) -> None:
+    mask = _blobs()
+    scale = 4.0
+    write_geojson(tmp_path / "m.geojson", mask_to_geojson(mask, LABELS, scale))
+    data = json.loads((tmp_path / "m.geojson").read_text())
+    assert data["type"] == "FeatureCollection"
+    by_class = {f["properties"]["classification"]["name"]: f for f in data["features"]}
+    assert set(by_class) == {SPEC.class_names[i] for i in range(4)}
+    assert by_class[SPEC.class_names[2]]["geometry"]["type"] == "MultiPolygon"
+    outer = by_class[SPEC.class_names[0]]["geometry"]
+    assert outer["type"] == "Polygon" and len(outer["coordinates"]) == 2  # with its hole
+    for index, name in enumerate(SPEC.class_names):
+        feature = by_class[name]
+        assert feature["properties"]["objectType"] == "annotation"
+        assert feature["properties"]["classification"]["color"] == list(SPEC.palette[index])
+        geom = feature["geometry"]
+        polygons = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        raster = np.zeros(mask.shape, np.uint8)
+        for rings in polygons:
+            pts = [np.rint(np.asarray(r) / scale - 0.5).astype(np.int32) for r in rings]
+            assert all((r[0] == r[-1]).all() for r in pts)
+            cv2.fillPoly(raster, [pts[0]], 1)
+            if len(pts) > 1:
+                cv2.fillPoly(raster, pts[1:], 0)
+        truth = mask == index
+        iou = (truth & (raster > 0)).sum() / (truth | (raster > 0)).sum()
+        assert iou > 0.95, (name, iou)  # hole rings run through boundary pixels
+
+
+def test_pyramidal_mask_tiff_and_area_table(tmp_path: Path) -> None:
+    mask = _blobs()
+    canvas = DiskCanvas.create(tmp_path / "m.raw", mask.shape, np.uint8)
+    for top in range(0, 120, 50):
+        canvas.write_rows(top, mask[top : top + 50])
+    levels = write_mask_tiff(
+        tmp_path / "m.tif", canvas, SPEC.palette, mpp=2.0, tile=64, min_side=40
+    )
+    assert levels == 3
+    with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+        page = tif.pages[0]
+        assert page.photometric == 3 and page.is_tiled  # palette
+        np.testing.assert_array_equal(page.asarray(), mask)
+        np.testing.assert_array_equal(page.colormap[:, 2] // 257, SPEC.palette[2])
+        reduced = [lvl.asarray() for lvl in tif.series[0].levels[1:]]
+        np.testing.assert_array_equal(reduced[0], mask[::2, ::2])
+        np.testing.assert_array_equal(reduced[1], mask[::2, ::2][::2, ::2])
+        assert page.resolution[0] == pytest.approx(5000.0)
+    counts = np.bincount(mask.ravel(), minlength=256)
+    rows = area_table(counts, LABELS, output_mpp=2.0, level0_per_output=4.0)
+    assert [r["class"] for r in rows] == [*SPEC.class_names, "background"]
+    assert rows[2]["pixels"] == counts[2] and rows[2]["area_um2"] == pytest.approx(4 * counts[2])
+    tissue = counts[:4].sum()
+    assert sum(r["tissue_fraction"] for r in rows[:4]) == pytest.approx(1.0)
+    assert rows[1]["tissue_fraction"] == pytest.approx(counts[1] / tissue, abs=1e-6)
+
+
+def test_glass_tiles_are_skipped_and_marked_background(tmp_path: Path) -> None:
+    from hisynseg.inference.tissue import TissueDetector
+
+    image = np.full((128, 256, 3), 245, np.uint8)
+    image[:, :96] = _texture(128, 96, seed=3) // 2 + np.array([100, 20, 90], np.uint8)
+    reader = PlainImageReader("mem", image=image)
+    plan = plan_tiles(reader, tile=64, overlap=0)
+    mask = DiskCanvas.create(tmp_path / "m.raw", (128, 256), np.uint8)
+    calls: list[int] = []
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        calls.append(len(tiles))
+        out = np.zeros((len(tiles), 4, 64, 64), np.float32)
+        out[:, 1] = 1.0
+        return out
+
+    stats = predict_slide(
+        reader, backend, plan, 4, BG, mask, tissue=TissueDetector.fit(reader), batch_size=4
+    )
+    assert stats.tiles_total == 8 and stats.tiles_predicted == stats.tiles_with_tissue == 4
+    assert sum(calls) == 4
+    result = mask.read_all()
+    assert (result[:, :90] == 1).mean() > 0.95 and (result[:, 100:] == BG).all()
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_segmenter("resnet18", num_classes=4)
+    path = tmp_path / "model.pt"
+    export_segmenter(model, SPEC, path)
+    return path
+
+
+def test_cli_predicts_skips_corrupt_inputs_and_resumes(tmp_path: Path) -> None:
+    from test_slides import write_pyramid
+
+    ckpt = _checkpoint(tmp_path)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    slide = _texture(256, 256) // 2 + np.array([90, 30, 80], np.uint8)
+    slide[:, 200:] = 240
+    write_pyramid(inputs / "slide.tif", slide, mpp=0.5, tile=64)
+    write_rgb_png(inputs / "pic.png", slide[:96, :96])
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a picture")
+    out = tmp_path / "out"
+    args = ["predict", str(ckpt), str(inputs), "--out", str(out), "--tile", "64"]
+    args += ["--overlap", "16", "--no-progress", "--target-mpp", "1.0", "--mpp", "1.0"]
+    assert main(args) == 1
+    record = json.loads((out / "predict.json").read_text())
+    status = {Path(r["input"]).name: r for r in record["inputs"]}
+    assert status["corrupt.png"]["status"] == "failed"
+    assert "corrupt.png" in status["corrupt.png"]["error"]
+    assert status["slide.tif"]["status"] == status["pic.png"]["status"] == "ok"
+    assert record["summary"] == {"inputs": 3, "done": 3, "ok": 2, "skipped": 0, "failed": 1}
+    assert record["options"]["tile"] == 64 and record["versions"]["torch"]
+    for name in ("slide.mask.tif", "slide.overlay.png", "slide.areas.csv", "slide.geojson"):
+        assert (out / name).is_file()
+    pic = read_mask(out / "pic.mask.png")
+    assert pic.shape == (96, 96) and set(np.unique(pic)) <= set(range(5))
+    assert not list(out.glob(".*"))  # no temporary file left behind
+    # --mpp overrides the slide's 0.5 µm/px: the 256 px slide is predicted at 256 px.
+    assert status["slide.tif"]["details"]["plan"]["model_size"] == [256, 256]
+    mtime = (out / "slide.mask.tif").stat().st_mtime_ns
+    assert main(args[:2] + [str(inputs / "slide.tif"), str(inputs / "pic.png")] + args[3:]) == 0
+    record = json.loads((out / "predict.json").read_text())
+    assert [r["status"] for r in record["inputs"]] == ["skipped", "skipped"]
+    assert (out / "slide.mask.tif").stat().st_mtime_ns == mtime
+
+
+def test_cli_reports_missing_mpp_per_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = _checkpoint(tmp_path)
+    write_rgb_png(tmp_path / "pic.png", _texture(64, 64))
+    out = tmp_path / "out"
+    args = ["predict", str(ckpt), str(tmp_path / "pic.png"), "--out", str(out)]
+    assert (
+        main([*args, "--tile", "64", "--overlap", "16", "--target-mpp", "0.5", "--no-progress"])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "pic.png" in err and "--mpp" in err
+    assert main([*args, "--tile", "32", "--overlap", "5", "--output-downsample", "2"]) == 2
+
+
+def test_automatic_output_downsample_bounds_the_canvas() -> None:
+    reader = PlainImageReader("big", image=np.zeros((1000, 1200, 3), np.uint8))
+    plan = plan_tiles(reader, tile=128, overlap=32, max_output_pixels=100_000)
+    assert plan.output_downsample == 4 and plan.output_size == (300, 250)
+    assert plan.level0_per_output == 4.0
+    # Only powers of two dividing tile and overlap keep tiles on the output grid.
+    plan = plan_tiles(reader, tile=96, overlap=8, max_output_pixels=1000)
+    assert plan.output_downsample == 8
+    assert all(t % 8 == 0 for t in plan.tops) and plan.tops[-1] + 96 >= 1000
