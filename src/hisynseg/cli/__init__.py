@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "predict": "predict",
     "export": "export",
     "pipeline": "pipeline",
+    "demo": "demo",
 }
 
 

@@ -21,7 +21,9 @@ dataset declares for its training patches).
 
 The result is a dataset in the generic layout (``train/`` + ``train.csv``,
 ``val/{img,mask}``, ``test/{img,mask}``, ``classes.yaml``) plus ``manifest.json``
-(settings, sources and their licences, counts, and where every file was cut from). The
+(settings, sources and their licences, counts, and where every file was cut from) and
+``train_masks/``, the training patches' pixel masks, which only the fully-supervised upper
+bound of ``hisynseg demo`` reads. The
 whole folder is written beside the destination and moved into place at the end, so an
 interrupted build never leaves a half-built dataset under the final name.
 """
@@ -65,6 +67,7 @@ __all__ = [
     "ANNOTATIONS_RESOURCE",
     "DEMO_CLASSES",
     "DEMO_NAME",
+    "TRAIN_MASKS_DIR",
     "AnnotationError",
     "DemoBuildError",
     "DemoDataset",
@@ -78,6 +81,10 @@ __all__ = [
 
 DEMO_NAME = "hisynseg-demo"
 MANIFEST_FILE = "manifest.json"
+# Pixel masks of the training patches, same file names as ``train/``. Only the demo's
+# fully-supervised upper bound reads them; the weakly-supervised methods use ``train/``
+# and its image-level labels alone.
+TRAIN_MASKS_DIR = "train_masks"
 ANNOTATIONS_RESOURCE = "annotations.geojson"
 SPLITS = ("val", "test")
 
@@ -726,6 +733,8 @@ def _write_dataset(
             patch.file = f"{res.name}-{patch.x:05d}-{patch.y:05d}.png"
             crop = res.image[patch.y : patch.y + patch.h, patch.x : patch.x + patch.w]
             write_rgb_png(root / "train" / patch.file, crop)
+            crop_mask = res.mask[patch.y : patch.y + patch.h, patch.x : patch.x + patch.w]
+            write_mask_png(root / TRAIN_MASKS_DIR / patch.file, crop_mask, palette)
             labels[patch.file] = np.asarray(patch.label, dtype=np.uint8)
             train_records.append(
                 {
@@ -760,6 +769,7 @@ def _write_dataset(
         (root / split / "img").mkdir(parents=True, exist_ok=True)
         (root / split / "mask").mkdir(parents=True, exist_ok=True)
     (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / TRAIN_MASKS_DIR).mkdir(parents=True, exist_ok=True)
     write_label_csv(root / GENERIC_LABELS_FILE, labels, [c.name for c in DEMO_CLASSES])
 
     label_array = (
@@ -810,6 +820,12 @@ def _write_dataset(
             for r in results
         ],
         "counts": counts,
+        "train_masks": {
+            "folder": TRAIN_MASKS_DIR,
+            "description": "pixel masks of the training patches (same file names as "
+            "train/), for the fully-supervised upper bound only; weakly-supervised methods "
+            "never read them",
+        },
         "train": train_records,
         **split_records,
     }
