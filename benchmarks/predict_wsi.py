@@ -12,10 +12,18 @@
 
 Targets: peak RSS <= 2 GiB; tiles/s >= 80 % of the bare forward.
 
+``--pipeline-only`` replaces the network by a pointwise (1×1 convolution) segmenter that
+costs next to nothing, so what is left is the pipeline: reading and decoding the slide,
+tissue masks, preprocessing, host/device copies, blending and writing the outputs. Its
+tiles/s is the most any network can reach through ``hisynseg predict`` on this machine:
+the figure to hold against a fast accelerator's bare forward (``--profile`` adds a
+cProfile of the child's main thread).
+
     python benchmarks/predict_wsi.py                          # 20,000² slide, every tissue tile
     python benchmarks/predict_wsi.py --size 4096               # quick check
     python benchmarks/predict_wsi.py --max-tiles 64            # 20,000² slide, first 64 tiles
     python benchmarks/predict_wsi.py --target-mpp 2.0          # whole slide at 2 µm/px
+    python benchmarks/predict_wsi.py --pipeline-only --batch 16  # the pipeline's own ceiling
 
 A 2-core CPU runs resnet18 DeepLabV3+ at roughly one 512² tile per second, so a full
 20,000² slide at its native resolution (about 1,500 tissue tiles) takes about half an
@@ -151,18 +159,74 @@ _BARE = """
 import json, resource, sys, time
 import torch
 from hisynseg.models import build_segmenter
-encoder, batch, tile, iterations = sys.argv[1], *map(int, sys.argv[2:5])
+encoder, device = sys.argv[1], sys.argv[5]
+batch, tile, iterations = map(int, sys.argv[2:5])
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 torch.manual_seed(0)
-model = build_segmenter(encoder, num_classes=4).eval()
-x = torch.randn(batch, 3, tile, tile)
+model = build_segmenter(encoder, num_classes=4).eval().to(device)
+x = torch.randn(batch, 3, tile, tile, device=device)
 with torch.inference_mode():
     model(x)  # warm-up
+    sync()
     start = time.perf_counter()
     for _ in range(iterations):
         model(x)
+    sync()
     seconds = time.perf_counter() - start
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("BENCH " + json.dumps({"tiles_per_second": iterations * batch / seconds, "maxrss_kib": rss}))
+"""
+
+
+_PIPELINE = """
+import cProfile, json, pstats, resource, sys
+import torch
+from torch import nn
+from hisynseg.datasets.spec import get_dataset_spec
+from hisynseg.inference.backends import Backend
+from hisynseg.inference.outputs import ClassLabels
+from hisynseg.inference.predict import PredictOptions, predict_inputs
+slide, out, device, options, profile, null = sys.argv[1:]
+
+
+class Pointwise(nn.Module):
+    # Four logits made of the normalised channels and their mean: the whole backend path
+    # (normalisation, copies, softmax, pooling) runs, the "network" costs next to nothing
+    # (a 1×1 convolution with three input channels is oddly slow on CPU).
+    input_divisor = 1
+
+    def forward(self, x):
+        return torch.cat([x, x.mean(1, keepdim=True)], 1) * 4.0
+
+
+class Null:
+    # No network and no preprocessing: fixed probabilities, so that what is measured is
+    # only reading, decoding, tissue masks, blending and writing (the host's share).
+    def __call__(self, tiles):
+        return self.pooled(tiles, 1)
+
+    def pooled(self, tiles, factor):
+        side = tiles.shape[1] // factor
+        probs = np.zeros((len(tiles), 4, side, side), np.float32)
+        probs[:, 1] = 1.0
+        return probs
+
+
+import numpy as np
+
+backend = Null() if null else Backend(Pointwise().eval().to(device), 4, device=device)
+labels = ClassLabels.from_dataset_dict(get_dataset_spec("luad-histoseg").to_dict())
+opts = PredictOptions(**json.loads(options))
+prof = cProfile.Profile() if profile else None
+if prof:
+    prof.enable()
+results = predict_inputs([slide], backend, 4, labels, out, opts)
+if prof:
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+rc = 0 if all(r.status == "ok" for r in results) else 1
+print("BENCH " + json.dumps({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
@@ -189,7 +253,19 @@ def main() -> None:
     ap.add_argument("--target-mpp", type=float, help="predict at this µm/px (slide: 0.5)")
     ap.add_argument("--max-tiles", type=int, help="stop after this many tiles")
     ap.add_argument("--bare-iterations", type=int, default=6, help="timed bare batches (6)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     ap.add_argument("--workdir", help="keep the slide and outputs here (default: a temp dir)")
+    ap.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="predict with a pointwise 1×1-conv network: the pipeline's own tiles/s",
+    )
+    ap.add_argument("--profile", action="store_true", help="with --pipeline-only: cProfile")
+    ap.add_argument(
+        "--null-backend",
+        action="store_true",
+        help="with --pipeline-only: no network nor preprocessing at all (fixed probabilities)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -211,6 +287,11 @@ def main() -> None:
             f"generated {slide.name}: {args.size}×{args.size} px, {levels} levels, "
             f"{slide.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f} s"
         )
+    if args.pipeline_only:
+        _pipeline_only(args, slide, work / "out-pipeline")
+        if tmp is not None:
+            tmp.cleanup()
+        return
     torch.manual_seed(0)
     ckpt = work / f"model-{args.encoder}.pt"
     export_segmenter(
@@ -220,7 +301,7 @@ def main() -> None:
     out = work / "out"
     cmd = ["predict", str(ckpt), str(slide), "--out", str(out)]
     cmd += ["--tile", str(TILE), "--overlap", str(args.overlap), "--batch-size", str(args.batch)]
-    cmd += ["--device", "cpu", "--overwrite", "--no-progress"]
+    cmd += ["--device", args.device, "--overwrite", "--no-progress"]
     if args.target_mpp:
         cmd += ["--target-mpp", str(args.target_mpp)]
     if args.max_tiles:
@@ -233,12 +314,15 @@ def main() -> None:
     record = json.loads((out / "predict.json").read_text())["inputs"][0]["details"]
     plan = record["plan"]
     loop_rate = record["tiles_per_second"]
-    bare_run, _ = _child(_BARE, args.encoder, str(args.batch), str(TILE), str(args.bare_iterations))
+    bare_run, _ = _child(
+        _BARE, args.encoder, str(args.batch), str(TILE), str(args.bare_iterations), args.device
+    )
     bare = bare_run["tiles_per_second"]
     rss_gib = child["maxrss_kib"] / 2**20
 
     print(
-        f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()} "
+        f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"device {args.device} "
         "(shared machine: other work may run at the same time)"
     )
     print(
@@ -272,6 +356,58 @@ def main() -> None:
     )
     if tmp is not None:
         tmp.cleanup()
+
+
+def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
+    """Predict ``slide`` with a pointwise network and print the pipeline's own rates."""
+    options = {
+        "tile": TILE,
+        "overlap": args.overlap,
+        "batch_size": args.batch,
+        "target_mpp": args.target_mpp,
+        "max_tiles": args.max_tiles,
+        "overwrite": True,
+        "progress": False,
+    }
+    start = time.perf_counter()
+    child, output = _child(
+        _PIPELINE,
+        str(slide),
+        str(out),
+        args.device,
+        json.dumps(options),
+        "1" if args.profile else "",
+        "1" if args.null_backend else "",
+    )
+    wall = time.perf_counter() - start
+    if child["rc"] != 0:
+        sys.exit(f"prediction failed:\n{output}")
+    if args.profile:
+        print(output[: output.rfind("BENCH ")])
+    record = json.loads((out / "predict.json").read_text())["inputs"][0]["details"]
+    plan = record["plan"]
+    print(
+        f"pipeline only ({'null backend' if args.null_backend else 'pointwise network'}), "
+        f"device {args.device}, {os.cpu_count()} CPU cores "
+        "(shared machine: other work may run at the same time)"
+    )
+    print(
+        f"slide: {args.size}×{args.size} px; tile {TILE}, overlap {args.overlap}, batch "
+        f"{args.batch}, level {plan['level']}, output {plan['output_size'][0]}×"
+        f"{plan['output_size'][1]} (downsample {plan['output_downsample']})"
+    )
+    print(
+        f"tiles: {record['tiles_total']} in the grid, {record['tiles_with_tissue']} with tissue, "
+        f"{record['tiles_predicted']} predicted"
+    )
+    print(
+        f"pipeline: tile loop {record['seconds']:.1f} s = {record['tiles_per_second']:.3f} "
+        f"tiles/s (backend calls {record['predict_seconds']:.1f} s); outputs "
+        f"{record['write_seconds']:.1f} s; whole command {wall:.1f} s incl. start-up"
+    )
+    for key, value in record.get("write_breakdown", {}).items():
+        print(f"  outputs: {key} {value:.1f} s")
+    print(f"peak RSS of the predict process: {child['maxrss_kib'] / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

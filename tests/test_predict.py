@@ -297,3 +297,136 @@ def test_automatic_output_downsample_bounds_the_canvas() -> None:
     plan = plan_tiles(reader, tile=96, overlap=8, max_output_pixels=1000)
     assert plan.output_downsample == 8
     assert all(t % 8 == 0 for t in plan.tops) and plan.tops[-1] + 96 >= 1000
+
+
+def test_batched_normalisation_matches_the_per_image_one() -> None:
+    from hisynseg.evaluation.evaluate import normalise_image
+
+    tiles = np.random.default_rng(4).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    backend = Backend(_ConvNet(kernel=1, layers=1), 4)
+    expected = torch.stack([normalise_image(t, "cpu") for t in tiles])
+    assert torch.equal(backend.normalise(tiles), expected)
+    probs = backend(tiles)
+    pooled = backend.pooled(tiles, 4)
+    assert pooled.shape == (3, 4, 10, 12)
+    np.testing.assert_allclose(
+        pooled, probs.reshape(3, 4, 10, 4, 12, 4).mean(axis=(3, 5)), atol=1e-6
+    )
+
+
+def test_reader_threads_and_device_pooling_give_the_same_masks(tmp_path: Path) -> None:
+    from hisynseg.inference.tissue import TissueDetector
+
+    image = _texture(200, 264, seed=6) // 2 + np.array([100, 20, 90], np.uint8)
+    image[:, 200:] = 245  # glass: skipped tiles and glass pixels
+    reader = PlainImageReader("mem", image=image)
+    net = Backend(_ConvNet(kernel=3, layers=2), 4)
+    tissue = TissueDetector.fit(reader)
+
+    def plain(tiles: np.ndarray) -> np.ndarray:  # no ``pooled``: pooled on the host
+        return net(tiles)
+
+    results = []
+    for backend, workers, batch in ((plain, 1, 1), (plain, 3, 2), (net, 2, 3), (net, 4, 5)):
+        plan = plan_tiles(reader, tile=64, overlap=16, output_downsample=4)
+        wo, ho = plan.output_size
+        mask = DiskCanvas.create(tmp_path / f"m{workers}.raw", (ho, wo), np.uint8)
+        probs = DiskCanvas.create(tmp_path / f"p{workers}.npy", (ho, wo, 4), np.float32, npy=True)
+        stats = predict_slide(
+            reader,
+            backend,
+            plan,
+            4,
+            BG,
+            mask,
+            probs,
+            batch_size=batch,
+            tissue=tissue,
+            workers=workers,
+        )
+        assert 0 < stats.tiles_predicted < plan.num_tiles
+        results.append((mask.read_all(), np.load(tmp_path / f"p{workers}.npy"), stats.counts))
+    first_mask, first_probs, first_counts = results[0]
+    assert len(np.unique(first_mask)) >= 3 and (first_mask == BG).any()
+    for mask, probs, counts in results[1:]:
+        np.testing.assert_array_equal(mask, first_mask)
+        np.testing.assert_allclose(probs, first_probs, atol=1e-6)
+        np.testing.assert_array_equal(counts, first_counts)
+
+
+def _geojson_ccomp(mask: np.ndarray, labels: ClassLabels, scale: float) -> dict:
+    """The straightforward outline of each class with OpenCV's RETR_CCOMP hierarchy."""
+    features = []
+    for index, name in enumerate(labels.names):
+        binary = (mask == index).astype(np.uint8)
+        contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if hierarchy is None:
+            continue
+
+        def ring(c: np.ndarray, clockwise: bool) -> list | None:
+            pts = c.reshape(-1, 2).astype(np.float64)
+            if len(pts) < 3:
+                return None
+            x, y = pts[:, 0], pts[:, 1]
+            if (float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) > 0) != clockwise:
+                pts = pts[::-1]
+            out = np.round((pts + 0.5) * scale, 3).tolist()
+            return [*out, out[0]]
+
+        polygons = []
+        hier = hierarchy[0]
+        for i, contour in enumerate(contours):
+            outer = ring(contour, True) if hier[i][3] == -1 else None
+            if outer is None:
+                continue
+            rings, child = [outer], hier[i][2]
+            while child != -1:
+                hole = ring(contours[child], False)
+                if hole is not None:
+                    rings.append(hole)
+                child = hier[child][0]
+            polygons.append(rings)
+        if polygons:
+            geometry = (
+                {"type": "Polygon", "coordinates": polygons[0]}
+                if len(polygons) == 1
+                else {"type": "MultiPolygon", "coordinates": polygons}
+            )
+            color = list(labels.palette[index])
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": geometry,
+                    "properties": {
+                        "objectType": "annotation",
+                        "name": name,
+                        "classification": {"name": name, "color": color},
+                        "isLocked": False,
+                    },
+                }
+            )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def test_geojson_equals_the_ccomp_outline_and_streams_the_same_file(tmp_path: Path) -> None:
+    from hisynseg.inference.outputs import write_mask_geojson
+
+    rng = np.random.default_rng(7)
+    noisy = rng.integers(0, 5, (40, 50)).astype(np.uint8)
+    blocky = cv2.resize(noisy[:20, :25], (100, 80), interpolation=cv2.INTER_NEAREST)
+    blocky[30:60, 30:70] = rng.integers(0, 5, (30, 40))  # islands inside holes
+    for mask in (noisy, blocky, _blobs()):
+        expected = _geojson_ccomp(mask, LABELS, 2.5)
+        assert len(expected["features"]) >= 3
+        assert mask_to_geojson(mask, LABELS, 2.5) == expected
+        write_geojson(tmp_path / "a.geojson", expected)
+        write_mask_geojson(tmp_path / "b.geojson", mask, LABELS, 2.5)
+        assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+    one = np.full((20, 20), BG, np.uint8)
+    one[5:9, 5:12] = 2  # a single polygon of a single class
+    write_geojson(tmp_path / "a.geojson", mask_to_geojson(one, LABELS, 1.0, (3.0, 4.0)))
+    write_mask_geojson(tmp_path / "b.geojson", one, LABELS, 1.0, (3.0, 4.0))
+    assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+    assert json.loads((tmp_path / "b.geojson").read_text())["features"][0]["geometry"]["type"] == (
+        "Polygon"
+    )

@@ -177,3 +177,41 @@ def test_tissue_detector_separates_glass_from_stain() -> None:
     assert det.fraction(1000, 1000, 50, 50) == 0.0
     pixels = det.pixel_mask(image)
     assert pixels[:, 10:190].mean() > 0.95 and pixels[:, 210:].mean() < 0.05
+
+
+def test_tile_cache_returns_what_uncached_reads_return(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = _image(300, 420, seed=5)
+    path = tmp_path / "cached.tif"
+    write_pyramid(path, image, tile=64)
+    rng = np.random.default_rng(0)
+    boxes = [
+        (
+            int(rng.integers(0, 2)),
+            *map(int, rng.integers(-20, 300, 2)),
+            *map(int, rng.integers(1, 150, 2)),
+        )
+        for _ in range(60)
+    ]
+    plain = TiffSlideReader(path, cache_bytes=0)
+    # A budget of a few tiles: evictions happen all the time.
+    small = TiffSlideReader(path, cache_bytes=5 * 64 * 64 * 3)
+    big = TiffSlideReader(path)
+    expected = [plain.read_region(*b) for b in boxes]
+    assert plain.cache_hits == 0
+    for reader in (small, big):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda b, r=reader: r.read_region(*b), boxes))
+        for want, have in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(have, want)
+        assert reader.cache_hits > 0 and reader._cache_size <= reader._cache_limit
+    assert big.cache_hits > small.cache_hits
+    # A region straddling four stored tiles twice: the second read decodes nothing.
+    before = big.cache_misses
+    big.read_region(0, 100, 100, 60, 60)
+    big.read_region(0, 100, 100, 60, 60)
+    np.testing.assert_array_equal(big.read_region(0, 100, 100, 60, 60), image[100:160, 100:160])
+    assert big.cache_misses - before <= 4
+    for reader in (plain, small, big):
+        reader.close()

@@ -127,6 +127,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto"
     )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="threads reading and decoding tiles ahead of the network (default: one per "
+        "CPU core, at most 8)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_tiles=args.max_tiles,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     options.check()  # before the (possibly large) model is loaded
     inputs = list_inputs(args.inputs)

@@ -5,6 +5,13 @@ class probabilities. Both backends share the evaluation code's preprocessing (Im
 mean/std, padding to the network's input divisor, optional d4 TTA averaging logits,
 then softmax): only the network call differs, so an ONNX export predicts what its
 checkpoint predicts.
+
+A batch is normalised in one go on the backend's device (a CUDA batch is uploaded as
+``uint8`` through a reused page-locked buffer), with the same arithmetic as the
+evaluation code's per-image :func:`~hisynseg.evaluation.evaluate.normalise_image`, so
+the values are identical. :meth:`Backend.pooled` also averages the probabilities over
+``d×d`` blocks on the device, so a whole-slide prediction at a reduced output resolution
+copies ``d²`` times less back to the host.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hisynseg.errors import HisynsegError
-from hisynseg.evaluation.evaluate import normalise_image, score_function
+from hisynseg.evaluation.evaluate import IMAGENET_MEAN, IMAGENET_STD, score_function
 from hisynseg.inference.export_onnx import ONNX_FORMAT, ONNX_METADATA_KEY, import_onnxruntime
 from hisynseg.inference.outputs import ClassLabels
 
@@ -54,12 +62,49 @@ class Backend:
         self.tta = None if tta == "none" else tta
         self.name = name
         self._score = score_function(network, self.tta)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self._pinned: torch.Tensor | None = None
+
+    def normalise(self, tiles: np.ndarray) -> torch.Tensor:
+        """``B×3×H×W`` float tensor on the device: ImageNet mean/std of ``uint8`` tiles."""
+        array = np.ascontiguousarray(tiles, dtype=np.uint8)
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise HisynsegError(f"expected B×H×W×3 RGB tiles, got an array of {array.shape}")
+        if not array.flags.writeable:  # torch wants writable memory
+            array = array.copy()
+        x = torch.from_numpy(array)
+        if self.device.startswith("cuda"):
+            # Page-locked staging lets the upload run asynchronously; the buffer is reused
+            # because each call ends by copying its result back, i.e. after the upload.
+            if self._pinned is None or self._pinned.shape != x.shape:
+                self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+            x = self._pinned.copy_(x).to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        # The same operations as ``normalise_image``, batched: the same values.
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """``B×C×H×W`` ``float32`` probabilities of ``B×H×W×3`` ``uint8`` RGB tiles."""
+        return self.pooled(tiles, 1)
+
+    def pooled(self, tiles: np.ndarray, factor: int) -> np.ndarray:
+        """Probabilities averaged over ``factor×factor`` blocks (on the device).
+
+        Args:
+            tiles: ``B×H×W×3`` ``uint8`` RGB, ``H`` and ``W`` multiples of ``factor``.
+            factor: Side of the blocks (1: the probabilities themselves).
+
+        Returns:
+            ``B×C×(H/factor)×(W/factor)`` ``float32``.
+        """
         with torch.inference_mode():
-            x = torch.stack([normalise_image(tile, self.device) for tile in tiles])
-            return self._score(x).softmax(dim=1).float().cpu().numpy()
+            probs = self._score(self.normalise(tiles)).softmax(dim=1).float()
+            if factor > 1:
+                probs = F.avg_pool2d(probs, factor)
+            return probs.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "tta": self.tta}

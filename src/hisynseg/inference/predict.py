@@ -42,9 +42,8 @@ from hisynseg.inference.canvas import DiskCanvas
 from hisynseg.inference.outputs import (
     ClassLabels,
     area_table,
-    mask_to_geojson,
     write_area_csv,
-    write_geojson,
+    write_mask_geojson,
     write_mask_tiff,
 )
 from hisynseg.inference.tissue import TissueDetector
@@ -89,6 +88,8 @@ class PredictOptions:
         overwrite: Predict inputs whose outputs already exist.
         max_tiles: Stop each input after this many tiles (quick checks).
         progress: Progress bar over each input's tiles.
+        workers: Threads reading and decoding tiles ahead of the network; ``None``: one
+            per CPU core, at most eight.
     """
 
     tile: int = 512
@@ -109,6 +110,7 @@ class PredictOptions:
     overwrite: bool = False
     max_tiles: int | None = None
     progress: bool = True
+    workers: int | None = None
 
     def check(self) -> None:
         """Raise :class:`PredictionError` for values that cannot work."""
@@ -119,6 +121,8 @@ class PredictOptions:
             )
         if self.batch_size < 1:
             raise PredictionError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise PredictionError(f"need at least one reader thread, got {self.workers}")
         for name in ("target_mpp", "mpp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -207,6 +211,13 @@ def _fit(
     return max(1, int(width * f)), max(1, int(height * f))
 
 
+def _lap(times: dict[str, float], key: str, since: float) -> float:
+    """Record the seconds since ``since`` under ``key``; return now."""
+    now = time.perf_counter()
+    times[key] = round(now - since, 3)
+    return now
+
+
 def predict_file(
     path: str | os.PathLike[str],
     predict: Callable[[np.ndarray], np.ndarray],
@@ -276,13 +287,17 @@ def predict_file(
             max_tiles=options.max_tiles,
             progress=options.progress,
             description=path.name,
+            workers=options.workers,
         )
         t0 = time.perf_counter()
+        breakdown: dict[str, float] = {}
+        lap = t0
         if paths["mask"].suffix == ".png":
             write_mask_png(paths["mask"], mask.read_all(), labels.palette)
             levels = 1
         else:
             levels = write_mask_tiff(paths["mask"], mask, labels.palette, mpp=plan.output_mpp)
+        lap = _lap(breakdown, "mask", lap)
         ow, oh = _fit(wo, ho, math.inf, options.overlay_max_side)
         small = mask.resample_nearest(ow, oh)
         thumb = read_thumbnail(reader, (ow, oh))
@@ -290,15 +305,15 @@ def predict_file(
             paths["overlay"],
             overlay_mask(thumb, small, labels.palette, skip_index=labels.background_index),
         )
+        lap = _lap(breakdown, "overlay", lap)
         rows = area_table(stats.counts, labels, plan.output_mpp, plan.level0_per_output)
         write_area_csv(paths["areas"], rows)
         if options.geojson:
             gw, gh = _fit(wo, ho, options.geojson_max_pixels)
             gmask = mask.read_all() if (gw, gh) == (wo, ho) else mask.resample_nearest(gw, gh)
             f = plan.level0_per_output
-            write_geojson(
-                paths["geojson"], mask_to_geojson(gmask, labels, (f * wo / gw, f * ho / gh))
-            )
+            write_mask_geojson(paths["geojson"], gmask, labels, (f * wo / gw, f * ho / gh))
+            lap = _lap(breakdown, "geojson", lap)
         write_seconds = time.perf_counter() - t0
     return {
         "size": list(reader.dimensions),
@@ -308,6 +323,7 @@ def predict_file(
         **stats.to_dict(),
         "mask_levels": levels,
         "write_seconds": round(write_seconds, 3),
+        "write_breakdown": breakdown,
         "areas": rows,
         "outputs": {k: str(v) for k, v in paths.items()},
     }

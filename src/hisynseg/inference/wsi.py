@@ -10,8 +10,14 @@ stream:
    to the output downsample, row by row.
 2. **Skip glass**: a tile whose footprint holds less than ``min_tissue`` tissue on the
    slide's thumbnail (:class:`~hisynseg.inference.tissue.TissueDetector`) is not run.
-3. **Predict** batches of tiles (read ahead in a background thread) with a backend that
-   maps RGB tiles to class probabilities (:mod:`hisynseg.inference.backends`).
+3. **Predict** batches of tiles with a backend that maps RGB tiles to class
+   probabilities (:mod:`hisynseg.inference.backends`). The next batches are read,
+   decoded and given their tissue masks by a pool of reader threads (a bounded queue of
+   ``workers + 1`` batches, so memory stays bounded), and a blending thread merges one
+   batch while the network runs the next, so that on an accelerator reading, the network
+   and blending all overlap.
+   A backend with a ``pooled(tiles, d)`` method (:class:`~hisynseg.inference.backends.
+   Backend`) reduces the probabilities to the output resolution on its device.
 4. **Blend**: each tile's probabilities, reduced to the output resolution, are weighted by
    a window that falls off towards the tile's border (Gaussian by default), so seams
    vanish, and accumulated in a band of rows one tile high
@@ -26,10 +32,11 @@ stream:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -249,6 +256,24 @@ def _pool(x: np.ndarray, d: int) -> np.ndarray:
     return x.reshape(*lead, h // d, d, w // d, d).mean(axis=(-3, -1))
 
 
+def _pool_mask(mask: np.ndarray, d: int) -> np.ndarray:
+    """``float32`` share of ``True`` over ``d×d`` blocks of a boolean mask.
+
+    Equal to ``_pool(mask.astype(np.float32), d)`` (block counts are small integers, so
+    any summation order gives the same value) without a float copy of the mask.
+    """
+    if d == 1:
+        return mask.astype(np.float32)
+    h, w = mask.shape
+    counts = mask.reshape(h // d, d, w // d, d).sum(axis=(1, 3), dtype=np.float32)
+    return counts / np.float32(d * d)
+
+
+def default_workers() -> int:
+    """Reader threads for :func:`predict_slide`: one per CPU core, at most eight."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def read_tile(reader: SlideReader, plan: TilePlan, top: int, left: int) -> np.ndarray:
     """The ``tile×tile×3`` RGB tile at model pixel ``(top, left)`` (white beyond the slide)."""
     t, r = plan.tile, plan.level_scale
@@ -344,6 +369,7 @@ def predict_slide(
     max_tiles: int | None = None,
     progress: bool = False,
     description: str = "tiles",
+    workers: int | None = None,
 ) -> SlidePrediction:
     """Predict a slide tile by tile into ``mask_out`` (and ``probs_out``).
 
@@ -363,6 +389,8 @@ def predict_slide(
         max_tiles: Stop after this many tiles (quick checks; the rest stays background).
         progress: Show a progress bar over the tiles.
         description: Progress bar label.
+        workers: Reader threads (``None``: :func:`default_workers`); up to
+            ``workers + 1`` batches are read ahead.
 
     Returns:
         Counts per class and tile statistics.
@@ -376,6 +404,9 @@ def predict_slide(
         raise ValueError(f"probability canvas {probs_out.shape} for {(ho, wo, num_classes)}")
     if batch_size < 1:
         raise PredictionError(f"batch size must be at least 1, got {batch_size}")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise PredictionError(f"need at least one reader thread, got {workers}")
     t, d, s = plan.tile, plan.output_downsample, plan.scale
     start = time.perf_counter()
     tiles = list(plan.tiles())
@@ -392,6 +423,7 @@ def predict_slide(
     channels = num_classes + (1 if tissue is not None else 0)
     band = _BandAccumulator(channels, t // d, wo)
     counts = np.zeros(256, np.int64)
+    pooled = getattr(predict, "pooled", None)
 
     def emit(top: int, averages: np.ndarray, covered: np.ndarray) -> None:
         labels = averages[:num_classes].argmax(axis=0).astype(np.uint8)
@@ -410,35 +442,71 @@ def predict_slide(
         images = np.stack([read_tile(reader, plan, top, left) for top, left in batch])
         if tissue is None:
             return images, [None] * len(batch)
-        return images, [_pool(tissue.pixel_mask(im).astype(np.float32), d) for im in images]
+        return images, [_pool_mask(tissue.pixel_mask(im), d) for im in images]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, float]:
+        """Output-resolution probabilities of a batch, and the seconds the backend took."""
+        t0 = time.perf_counter()
+        n = len(images)
+        if pooled is not None:
+            probs = np.asarray(pooled(images, d), dtype=np.float32)
+            expected = (n, num_classes, t // d, t // d)
+        else:
+            probs = np.asarray(predict(images), dtype=np.float32)
+            expected = (n, num_classes, t, t)
+        seconds = time.perf_counter() - t0
+        if probs.shape != expected:
+            raise PredictionError(
+                f"the model returned {probs.shape} for {n} tiles; expected {expected}"
+            )
+        return (probs if pooled is not None else _pool(probs, d)), seconds
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
     bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
     try:
-        # One reader thread keeps the next two batches ready while the network runs.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = deque(pool.submit(load, b) for b in batches[:2])
-            for i, batch in enumerate(batches):
-                images, masks = pending.popleft().result()
-                if i + 2 < len(batches):
-                    pending.append(pool.submit(load, batches[i + 2]))
-                t0 = time.perf_counter()
-                probs = np.asarray(predict(images), dtype=np.float32)
-                predict_seconds += time.perf_counter() - t0
-                if probs.shape != (len(batch), num_classes, t, t):
-                    raise PredictionError(
-                        f"the model returned {probs.shape} for {len(batch)} tiles; "
-                        f"expected {(len(batch), num_classes, t, t)}"
-                    )
+        # Reader threads keep up to ``workers + 1`` batches read ahead. The network runs
+        # in this thread (its large allocations stay in one malloc arena) and a second
+        # thread blends batch i while batch i + 1 is predicted, so an accelerator never
+        # waits for the blending; one blend at a time keeps the rows in order.
+        with (
+            ThreadPoolExecutor(max_workers=workers) as readers,
+            ThreadPoolExecutor(max_workers=1) as blender,
+        ):
+            reads: deque[Future[tuple[np.ndarray, list[np.ndarray | None]]]] = deque()
+            queued = 0
+
+            def read_ahead() -> None:
+                nonlocal queued
+                while queued < len(batches) and len(reads) < workers + 1:
+                    reads.append(readers.submit(load, batches[queued]))
+                    queued += 1
+
+            def blend_batch(
+                batch: Sequence[tuple[int, int]],
+                probs: np.ndarray,
+                masks: list[np.ndarray | None],
+            ) -> None:
                 for (top, left), p, m in zip(batch, probs, masks, strict=True):
-                    p = _pool(p, d)
                     if m is not None:
                         p = np.concatenate([p, m[None]], axis=0)
                     for chunk in band.flush(top // d):
                         emit(*chunk)
                     band.add(p, top // d, left // d, weight)
+
+            read_ahead()
+            blending: Future[None] | None = None
+            for batch in batches:
+                images, masks = reads.popleft().result()
+                read_ahead()
+                probs, seconds = run(images)
+                predict_seconds += seconds
+                if blending is not None:
+                    blending.result()
+                blending = blender.submit(blend_batch, batch, probs, masks)
                 bar.update(len(batch))
+            if blending is not None:
+                blending.result()
         for chunk in band.flush(ho):
             emit(*chunk)
     finally:

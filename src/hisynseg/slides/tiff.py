@@ -1,7 +1,11 @@
 """Plain and pyramidal TIFF files (and TIFF-based slide formats such as SVS) via tifffile.
 
 Only the tiles or strips a region touches are read and decoded, so a region of a huge
-slide costs what its pixels cost. The pyramid is tifffile's view of the first image
+slide costs what its pixels cost. Decoded tiles are kept in a small least-recently-used
+cache (:data:`DEFAULT_CACHE_BYTES`): overlapping prediction tiles that straddle the
+file's tiles would otherwise decode each stored tile up to four times. Reading is safe
+from several threads at once: only the file reads are serialised, decoding runs in
+parallel (tifffile's codecs release the GIL). The pyramid is tifffile's view of the first image
 series (SubIFDs, Aperio/SVS reduced pages, OME-TIFF levels). The resolution comes from,
 in order: an Aperio ``MPP = x`` in the image description, an OME-XML ``PhysicalSizeX``,
 or the XResolution/ResolutionUnit tags (centimetre or inch), each kept only when
@@ -14,6 +18,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,11 @@ import numpy as np
 
 from hisynseg.slides.base import SlideReadError, fill_region, plausible_mpp, to_rgb_uint8
 
-__all__ = ["TiffSlideReader", "import_tifffile", "tiff_mpp"]
+__all__ = ["DEFAULT_CACHE_BYTES", "TiffSlideReader", "import_tifffile", "tiff_mpp"]
+
+# Decoded-tile cache per reader: two rows of 512² RGB tiles of an 85,000 px wide level,
+# enough for tiles of a row-by-row prediction to be decoded once.
+DEFAULT_CACHE_BYTES = 128 * 2**20
 
 _SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -81,13 +90,22 @@ class TiffSlideReader:
 
     Args:
         path: The file.
+        cache_bytes: Budget of the decoded-tile cache (0: no cache).
 
     Raises:
         SlideReadError: tifffile is missing, or the file is not a readable TIFF image.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self.path = Path(path)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_limit = max(0, int(cache_bytes))
+        self._cache_size = 0
+        self._cache_lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
         tifffile = import_tifffile(self.path)
         try:
             self._tif = tifffile.TiffFile(self.path)
@@ -152,7 +170,7 @@ class TiffSlideReader:
         x0, y0, x1, y1 = inside
         page = self._pages[level]
         try:
-            data = self._read_segments(page, x0, y0, x1, y1)
+            data = self._read_segments(level, page, x0, y0, x1, y1)
         except SlideReadError:
             raise
         except Exception as exc:
@@ -167,7 +185,9 @@ class TiffSlideReader:
         canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(data, self.path)
         return canvas
 
-    def _read_segments(self, page: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    def _read_segments(
+        self, level: int, page: Any, x0: int, y0: int, x1: int, y1: int
+    ) -> np.ndarray:
         """The pixels ``[y0, y1)×[x0, x1)`` of ``page``, decoding only the segments needed."""
         width, length = int(page.imagewidth), int(page.imagelength)
         if page.is_tiled:
@@ -192,28 +212,67 @@ class TiffSlideReader:
         dtype = np.dtype(page.dtype)
         fill = np.iinfo(dtype).max if dtype.kind in "ui" else 1
         out = np.full((y1 - y0, x1 - x0, samples), fill, dtype=dtype)
-        offsets = [page.dataoffsets[i] for i in indices]
-        counts = [page.databytecounts[i] for i in indices]
-        with self._lock:
-            fh = self._tif.filehandle
-            for data, index in fh.read_segments(offsets, counts, indices=indices):
-                segment, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                if segment is None:  # a missing tile: leave it white
-                    continue
-                segment = segment.reshape(segment.shape[-3:])
-                plane, sy, sx = int(pos[0]), int(pos[2]), int(pos[3])
-                ya, yb = max(sy, y0), min(sy + segment.shape[0], y1)
-                xa, xb = max(sx, x0), min(sx + segment.shape[1], x1)
-                if yb <= ya or xb <= xa:
-                    continue
-                piece = segment[ya - sy : yb - sy, xa - sx : xb - sx]
-                if planes > 1:
-                    out[ya - y0 : yb - y0, xa - x0 : xb - x0, plane] = piece[..., 0]
-                else:
-                    out[ya - y0 : yb - y0, xa - x0 : xb - x0] = piece[..., :samples]
+        for index, segment in self._segments(level, page, indices):
+            if segment is None:  # a missing tile: leave it white
+                continue
+            plane, rest = divmod(index, per_plane)
+            sy, sx = (rest // across) * seg_h, (rest % across) * seg_w
+            ya, yb = max(sy, y0), min(sy + segment.shape[0], y1)
+            xa, xb = max(sx, x0), min(sx + segment.shape[1], x1)
+            if yb <= ya or xb <= xa:
+                continue
+            piece = segment[ya - sy : yb - sy, xa - sx : xb - sx]
+            if planes > 1:
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0, plane] = piece[..., 0]
+            else:
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = piece[..., :samples]
         return out
 
+    def _segments(
+        self, level: int, page: Any, indices: list[int]
+    ) -> list[tuple[int, np.ndarray | None]]:
+        """``(index, h×w×samples segment or None)`` of each segment, cached or decoded."""
+        found: dict[int, np.ndarray | None] = {}
+        with self._cache_lock:
+            for index in indices:
+                segment = self._cache.get((level, index))
+                if segment is not None:
+                    self._cache.move_to_end((level, index))
+                    found[index] = segment
+            self.cache_hits += len(found)
+            self.cache_misses += len(indices) - len(found)
+        missing = [i for i in indices if i not in found]
+        if missing:
+            offsets = [page.dataoffsets[i] for i in missing]
+            counts = [page.databytecounts[i] for i in missing]
+            # The file handle is shared: read under the lock, decode outside it.
+            with self._lock:
+                raw = list(self._tif.filehandle.read_segments(offsets, counts, indices=missing))
+            for data, index in raw:
+                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                if segment is not None:
+                    segment = segment.reshape(segment.shape[-3:])
+                    segment.flags.writeable = False
+                    self._remember((level, index), segment)
+                found[index] = segment
+        return [(i, found[i]) for i in indices]
+
+    def _remember(self, key: tuple[int, int], segment: np.ndarray) -> None:
+        if segment.nbytes > self._cache_limit:
+            return
+        with self._cache_lock:
+            if key in self._cache:
+                return
+            self._cache[key] = segment
+            self._cache_size += segment.nbytes
+            while self._cache_size > self._cache_limit:
+                _, dropped = self._cache.popitem(last=False)
+                self._cache_size -= dropped.nbytes
+
     def close(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_size = 0
         self._tif.close()
 
     def __enter__(self) -> TiffSlideReader:
