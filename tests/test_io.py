@@ -187,3 +187,13 @@ def test_list_images_skips_hidden_temporary_and_other_files(tmp_path: Path) -> N
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.png").mkdir()
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "c.tif"]
+
+
+def test_atomic_writes_get_the_mode_of_ordinary_new_files(tmp_path: Path) -> None:
+    """Outputs must be readable as any file the user creates is, not private (mkstemp)."""
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o666 & ~mask

@@ -8,6 +8,7 @@ interrupted run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -49,6 +50,22 @@ class MaskColourError(ImageReadError):
     """A mask holds a value (index or colour) that is not a class of the dataset."""
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives new files under this process's umask (mkstemp's 0600
+    would make every output private to its owner)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # No /proc (macOS, Windows): read the umask by setting it and putting it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
@@ -62,6 +79,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, _new_file_mode())
         yield tmp
         os.replace(tmp, path)
     except BaseException:
