@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from hisynseg.errors import HisynsegError
 
 __all__ = [
     "MPP_RANGE",
+    "LevelledReader",
     "SlideReadError",
     "SlideReader",
     "best_level",
@@ -74,6 +75,42 @@ class SlideReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class LevelledReader:
+    """What every reader shares: the pyramid's geometry, kept in ``_dims`` (``(width,
+    height)`` per level), ``_downsamples`` and ``_mpp`` by the subclass's constructor, and
+    use as a context manager that calls the subclass's ``close``."""
+
+    path: Path
+    _dims: tuple[tuple[int, int], ...]
+    _downsamples: tuple[float, ...]
+    _mpp: float | None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._dims[0]
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downsamples
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def plausible_mpp(value: float | None) -> float | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hisynseg.slides.base import SlideReadError, fill_region, plausible_mpp
+from hisynseg.slides.base import LevelledReader, SlideReadError, fill_region, plausible_mpp
 
 __all__ = ["OpenSlideReader", "import_openslide"]
 
@@ -32,7 +32,7 @@ def import_openslide(path: str | os.PathLike[str] | None = None) -> Any:
     return openslide
 
 
-class OpenSlideReader:
+class OpenSlideReader(LevelledReader):
     """A slide read with OpenSlide.
 
     Args:
@@ -63,22 +63,6 @@ class OpenSlideReader:
         self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
-    def dimensions(self) -> tuple[int, int]:
-        return self._dims[0]
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def mpp(self) -> float | None:
-        return self._mpp
-
-    @property
     def is_slide(self) -> bool:
         return True
 
@@ -105,9 +89,3 @@ class OpenSlideReader:
 
     def close(self) -> None:
         self._slide.close()
-
-    def __enter__(self) -> OpenSlideReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from hisynseg.datasets.io import read_rgb
-from hisynseg.slides.base import fill_region, plausible_mpp, to_rgb_uint8
+from hisynseg.slides.base import LevelledReader, fill_region, plausible_mpp, to_rgb_uint8
 
 __all__ = ["PlainImageReader"]
 
 
-class PlainImageReader:
+class PlainImageReader(LevelledReader):
     """A picture held in memory, served through the :class:`SlideReader` interface.
 
     Args:
@@ -34,22 +34,8 @@ class PlainImageReader:
         self.path = Path(path)
         self._image = read_rgb(self.path) if image is None else to_rgb_uint8(image, self.path)
         self._mpp = plausible_mpp(mpp)
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return int(self._image.shape[1]), int(self._image.shape[0])
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return (self.dimensions,)
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return (1.0,)
-
-    @property
-    def mpp(self) -> float | None:
-        return self._mpp
+        self._dims = ((int(self._image.shape[1]), int(self._image.shape[0])),)
+        self._downsamples = (1.0,)
 
     @property
     def is_slide(self) -> bool:
@@ -67,9 +53,3 @@ class PlainImageReader:
 
     def close(self) -> None:
         self._image = np.zeros((0, 0, 3), np.uint8)
-
-    def __enter__(self) -> PlainImageReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

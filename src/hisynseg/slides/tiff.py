@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from hisynseg.slides.base import SlideReadError, fill_region, plausible_mpp, to_rgb_uint8
+from hisynseg.slides.base import (
+    LevelledReader,
+    SlideReadError,
+    fill_region,
+    plausible_mpp,
+    to_rgb_uint8,
+)
 
 __all__ = ["DEFAULT_CACHE_BYTES", "TiffSlideReader", "import_tifffile", "tiff_mpp"]
 
@@ -85,7 +91,7 @@ def tiff_mpp(description: str | None, tags: Any) -> float | None:
     return None
 
 
-class TiffSlideReader:
+class TiffSlideReader(LevelledReader):
     """A TIFF image or pyramid read region by region with tifffile.
 
     Args:
@@ -136,22 +142,6 @@ class TiffSlideReader:
         self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
         self._downsamples = tuple(w0 / w for w, _ in self._dims)
         self._lock = threading.Lock()
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return self._dims[0]
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def mpp(self) -> float | None:
-        return self._mpp
 
     @property
     def is_slide(self) -> bool:
@@ -274,9 +264,3 @@ class TiffSlideReader:
             self._cache.clear()
             self._cache_size = 0
         self._tif.close()
-
-    def __enter__(self) -> TiffSlideReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
