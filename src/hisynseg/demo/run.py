@@ -269,7 +269,8 @@ def _phase_baseline(
         load_baseline_predictor,
         train_baseline,
     )
-    from hisynseg.evaluation.evaluate import evaluate, resolve_device
+    from hisynseg.evaluation.evaluate import resolve_device
+    from hisynseg.pipeline.run import evaluate_with_recipe
 
     spec = resolve_dataset_spec(cfg.dataset, root)
     t = cfg.train
@@ -296,20 +297,7 @@ def _phase_baseline(
     result = train_baseline(settings, root, spec, folder)
     e = cfg.evaluation
     model = load_baseline_predictor(result.best_checkpoint, spec, kind, cam_gate)
-    metrics = evaluate(
-        model,
-        root,
-        spec,
-        e.split,
-        tta=e.tta,
-        window=e.window,
-        stride=e.stride,
-        scales=e.scales,
-        patch_size=t.data.patch_size,
-        device=device,
-        batch_size=e.batch_size,
-        save_masks_dir=folder / e.split,
-    )
+    metrics = evaluate_with_recipe(model, cfg, spec, root, device, folder / e.split)
     atomic_write_json(folder / "test_metrics.json", metrics)
     return {
         **_scores(metrics),

@@ -184,28 +184,50 @@ def _train_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, stage: int)
     return Stage(f"train-stage{stage}", run)
 
 
+def evaluate_with_recipe(
+    model: Any,
+    cfg: PipelineConfig,
+    spec: DatasetSpec,
+    root: Path,
+    device: str,
+    save_masks_dir: Path | None,
+) -> dict[str, Any]:
+    """Score ``model`` on the recipe's evaluation split with the recipe's settings (TTA,
+    sliding windows and scales, the training patch size); what every method of a run is
+    scored with, so that their figures compare.
+
+    Returns:
+        :func:`hisynseg.evaluation.evaluate.evaluate`'s metrics.
+    """
+    from hisynseg.evaluation.evaluate import evaluate
+
+    e = cfg.evaluation
+    return evaluate(
+        model,
+        root,
+        spec,
+        e.split,
+        tta=e.tta,
+        window=e.window,
+        stride=e.stride,
+        scales=e.scales,
+        patch_size=cfg.train.data.patch_size,
+        device=device,
+        batch_size=e.batch_size,
+        save_masks_dir=save_masks_dir,
+    )
+
+
 def _eval_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, stage: int) -> Stage:
     def run(folder: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from hisynseg.evaluation.evaluate import evaluate
         from hisynseg.models.checkpoint import load_segmenter
 
         e = cfg.evaluation
         ckpt = done[f"train-stage{stage}"]["best_checkpoint"]
         device = resolve_device(cfg.device)
         model, _ = load_segmenter(ckpt, expected_spec=spec, map_location=device)
-        metrics = evaluate(
-            model,
-            root,
-            spec,
-            e.split,
-            tta=e.tta,
-            window=e.window,
-            stride=e.stride,
-            scales=e.scales,
-            patch_size=cfg.train.data.patch_size,
-            device=device,
-            batch_size=e.batch_size,
-            save_masks_dir=folder if e.save_masks else None,
+        metrics = evaluate_with_recipe(
+            model, cfg, spec, root, device, folder if e.save_masks else None
         )
         metrics["checkpoint"] = ckpt
         atomic_write_json(folder / "metrics.json", metrics)
