@@ -45,6 +45,7 @@ from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
 from hisynseg.evaluation.metrics import ConfusionMatrix, scores_to_dict
 from hisynseg.evaluation.visualize import comparison_panel, overlay_mask
+from hisynseg.normalization import IMAGENET_MEAN, IMAGENET_STD, normalise_uint8
 
 __all__ = [
     "EvaluationError",
@@ -58,9 +59,6 @@ __all__ = [
     "resolve_device",
 ]
 
-# The network is trained on images normalised with these (training/transforms.py).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # METHOD §7: WSSS4LUAD test scales.
 TEST_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)
 TTA_CHOICES = ("none", "d4")
@@ -225,11 +223,7 @@ def normalise_image(image: np.ndarray, device: str) -> torch.Tensor:
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable
         image = image.copy()
-    x = torch.from_numpy(image).to(device)
-    x = x.permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    return (x - mean) / std
+    return normalise_uint8(torch.from_numpy(image).to(device))
 
 
 def _argmax(

@@ -7,9 +7,10 @@ then softmax): only the network call differs, so an ONNX export predicts what it
 checkpoint predicts.
 
 A batch is normalised in one go on the backend's device (a CUDA batch is uploaded as
-``uint8`` through a reused page-locked buffer), with the same arithmetic as the
-evaluation code's per-image :func:`~hisynseg.evaluation.evaluate.normalise_image`, so
-the values are identical. :meth:`Backend.pooled` also averages the probabilities over
+``uint8`` through a reused page-locked buffer) by
+:func:`hisynseg.normalization.normalise_uint8`, the function the evaluation code's
+per-image :func:`~hisynseg.evaluation.evaluate.normalise_image` uses, so the values are
+identical. :meth:`Backend.pooled` also averages the probabilities over
 ``d×d`` blocks on the device, so a whole-slide prediction at a reduced output resolution
 copies ``d²`` times less back to the host.
 """
@@ -26,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from hisynseg.errors import HisynsegError
-from hisynseg.evaluation.evaluate import IMAGENET_MEAN, IMAGENET_STD, score_function
+from hisynseg.evaluation.evaluate import score_function
 from hisynseg.inference.export_onnx import ONNX_FORMAT, ONNX_METADATA_KEY, import_onnxruntime
 from hisynseg.inference.outputs import ClassLabels
+from hisynseg.normalization import normalise_uint8
 
 __all__ = ["Backend", "OnnxNetwork", "load_backend"]
 
@@ -62,8 +64,6 @@ class Backend:
         self.tta = None if tta == "none" else tta
         self.name = name
         self._score = score_function(network, self.tta)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._pinned: torch.Tensor | None = None
 
     def normalise(self, tiles: np.ndarray) -> torch.Tensor:
@@ -82,9 +82,7 @@ class Backend:
             x = self._pinned.copy_(x).to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
-        # The same operations as ``normalise_image``, batched: the same values.
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self._mean) / self._std
+        return normalise_uint8(x)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """``B×C×H×W`` ``float32`` probabilities of ``B×H×W×3`` ``uint8`` RGB tiles."""

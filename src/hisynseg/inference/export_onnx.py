@@ -76,7 +76,7 @@ def export_onnx(
     """
     import torch
 
-    from hisynseg.evaluation.evaluate import IMAGENET_MEAN, IMAGENET_STD
+    from hisynseg.normalization import IMAGENET_MEAN, IMAGENET_STD
 
     onnx = _import_onnx()
     divisor = int(getattr(model, "input_divisor", 16))

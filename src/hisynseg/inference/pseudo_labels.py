@@ -121,6 +121,7 @@ def pseudo_label_dataset(
     from tqdm.auto import tqdm
 
     from hisynseg.inference.tta import predict_d4
+    from hisynseg.normalization import normalise_unit
     from hisynseg.synthesis.background import background_mask
 
     out = Path(out)
@@ -129,8 +130,6 @@ def pseudo_label_dataset(
     img_dir, mask_dir, ent_dir = out / "img", out / "mask", out / "entropy"
     mask_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
     def seg_logits(x: torch.Tensor) -> torch.Tensor:
         return model(x).seg_logits
@@ -170,7 +169,7 @@ def pseudo_label_dataset(
                 tensors.append(
                     F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
                 )
-            x = (torch.cat(tensors).to(device) - mean) / std
+            x = normalise_unit(torch.cat(tensors).to(device))
             with torch.no_grad():
                 logits = predict_d4(seg_logits, x) if tta == "d4" else seg_logits(x)
             for k, i in enumerate(need_model):

@@ -44,6 +44,7 @@ from hisynseg.datasets.layouts import list_train
 from hisynseg.datasets.spec import DatasetSpec, resolve_dataset_spec
 from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
+from hisynseg.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "FILTER_FILE",
@@ -86,8 +87,6 @@ ARCH = "resnet18"
 
 _FORMAT = "hisynseg-filter"
 _FORMAT_VERSION = 1
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # Training-image cap per side used by the paper (LUAD-HistoSeg, BCSS-WSSS); WSSS4LUAD had none.
 _PAPER_CAP = 5000
 _UNCAPPED_DATASETS = ("wsss4luad",)
@@ -272,7 +271,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     arr = _resize(np.asarray(image, dtype=np.uint8), size).astype(np.float32) / 255.0
-    arr = (arr - np.asarray(_IMAGENET_MEAN, np.float32)) / np.asarray(_IMAGENET_STD, np.float32)
+    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
