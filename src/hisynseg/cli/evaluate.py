@@ -122,32 +122,21 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     tta = None if args.tta == "none" else args.tta
     out = Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}"
+    options = {
+        "tta": tta,
+        "window": args.window,
+        "stride": args.stride,
+        "scales": args.scales,
+        "gate_absent_classes": args.gate_absent_classes,
+        "batch_size": args.batch_size,
+        "device": args.device,
+    }
     # Settings are checked before the (possibly large) checkpoint is read.
-    resolve_settings(
-        spec,
-        args.split,
-        tta=tta,
-        window=args.window,
-        stride=args.stride,
-        scales=args.scales,
-        gate_absent_classes=args.gate_absent_classes,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+    resolve_settings(spec, args.split, **options)
     model, meta = load_segmenter(checkpoint, expected_spec=spec)
     patch_size = _patch_size(meta)
-    settings = resolve_settings(
-        spec,
-        args.split,
-        tta=tta,
-        window=args.window,
-        stride=args.stride,
-        scales=args.scales,
-        gate_absent_classes=args.gate_absent_classes,
-        patch_size=patch_size,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+    settings = resolve_settings(spec, args.split, **options, patch_size=patch_size)
+    options["device"] = settings.device
     header = {
         "checkpoint": str(checkpoint.resolve()),
         "root": str(Path(args.root).resolve()),
@@ -166,14 +155,8 @@ def run(args: argparse.Namespace) -> int:
         args.root,
         spec,
         args.split,
-        tta=tta,
-        window=args.window,
-        stride=args.stride,
-        scales=args.scales,
-        gate_absent_classes=args.gate_absent_classes,
+        **options,
         patch_size=patch_size,
-        device=settings.device,
-        batch_size=args.batch_size,
         save_masks_dir=out if args.save_masks else None,
         progress=not args.no_progress,
     )
