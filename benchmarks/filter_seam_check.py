@@ -142,13 +142,7 @@ def main() -> None:
         f"trained on {c['train_real']} real + {c['train_synthetic']} seamed, validated on "
         f"{c['val_real']} + {c['val_synthetic']}; {args.epochs} epochs in {train_s:.0f} s"
     )
-    print("epoch  train_loss  val_acc  val_prec  val_rec  val_f1")
-    for e in result.history:
-        mark = "  <- kept" if e["epoch"] == result.best_epoch else ""
-        print(
-            f"{e['epoch']:>5}  {e['train_loss']:>10.4f}  {e['val_accuracy']:>7.4f}  "
-            f"{e['val_precision']:>8.4f}  {e['val_recall']:>7.4f}  {e['val_f1']:>6.4f}{mark}"
-        )
+    print(result.history_table())
     print(
         f"fresh images scored: {len(fresh)} synthetic draws ({int(has_seam.sum())} with a "
         f"class boundary, so a seam), {len(p_real)} real"

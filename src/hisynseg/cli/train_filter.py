@@ -141,12 +141,6 @@ def run(args: argparse.Namespace) -> int:
         f"trained on {c['train_real']} real + {c['train_synthetic']} synthetic images, "
         f"validated on {c['val_real']} + {c['val_synthetic']}"
     )
-    print("epoch  train_loss  val_acc  val_prec  val_rec  val_f1")
-    for e in result.history:
-        mark = "  <- kept" if e["epoch"] == result.best_epoch else ""
-        print(
-            f"{e['epoch']:>5}  {e['train_loss']:>10.4f}  {e['val_accuracy']:>7.4f}  "
-            f"{e['val_precision']:>8.4f}  {e['val_recall']:>7.4f}  {e['val_f1']:>6.4f}{mark}"
-        )
+    print(result.history_table())
     print(f"wrote {result.checkpoint} (epoch {result.best_epoch}) and metrics to {result.out}")
     return 0

@@ -548,6 +548,18 @@ class FilterTrainResult:
     best: dict[str, float]
     counts: dict[str, int] = field(default_factory=dict)
 
+    def history_table(self) -> str:
+        """The per-epoch losses and validation figures as a text table, the kept epoch
+        marked."""
+        lines = ["epoch  train_loss  val_acc  val_prec  val_rec  val_f1"]
+        for e in self.history:
+            mark = "  <- kept" if e["epoch"] == self.best_epoch else ""
+            lines.append(
+                f"{e['epoch']:>5}  {e['train_loss']:>10.4f}  {e['val_accuracy']:>7.4f}  "
+                f"{e['val_precision']:>8.4f}  {e['val_recall']:>7.4f}  {e['val_f1']:>6.4f}{mark}"
+            )
+        return "\n".join(lines)
+
 
 def _versions() -> dict[str, str]:
     import timm
