@@ -31,6 +31,9 @@ from hisynseg.errors import HisynsegError
 __all__ = [
     "ConfigError",
     "coerce_value",
+    "coerce_field",
+    "dataclass_from_dict",
+    "valid_keys",
     "DataConfig",
     "ModelConfig",
     "LossConfig",
@@ -222,7 +225,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _valid_keys(cls: type) -> str:
+def valid_keys(cls: type) -> str:
+    """The field names of the dataclass ``cls``, comma-separated (for messages)."""
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
@@ -320,18 +324,47 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def _section_from_dict(cls: type, data: Any, name: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from nested dictionaries, sections recursively; missing
+    keys keep their defaults, values are coerced to their fields' types.
+
+    Args:
+        cls: A dataclass (:class:`Config`, a section, a pipeline recipe).
+        data: Its mapping, or ``None`` for all defaults.
+        prefix: The dotted name of ``data`` in the whole file, for messages.
+
+    Raises:
+        ConfigError: Not a mapping, an unknown key (the message lists the valid keys of
+            that section), or a value that is not of the key's type.
+    """
+    where = prefix or "the configuration"
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping of {_valid_keys(cls)}, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of {valid_keys(cls)}, got {data!r}")
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
         if key not in types_:
-            raise ConfigError(f"unknown key {name}.{key}; valid keys of {name}: {_valid_keys(cls)}")
-        kwargs[key] = coerce_value(value, types_[key], f"{name}.{key}")
+            raise ConfigError(f"unknown key {name}; valid keys of {where}: {valid_keys(cls)}")
+        kwargs[key] = coerce_field(types_[key], value, name)
     return cls(**kwargs)
+
+
+def coerce_field(tp: Any, value: Any, name: str) -> Any:
+    """A field's value from YAML or the command line: a section (dataclass) is built
+    recursively, a ``dict`` field is kept as a free-form mapping, anything else goes
+    through :func:`coerce_value`."""
+    if dataclasses.is_dataclass(tp):
+        return dataclass_from_dict(tp, value, name)
+    if typing.get_origin(tp) is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    return coerce_value(value, tp, name)
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
@@ -340,20 +373,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
     Raises:
         ConfigError: An unknown section or key, or a value that is not of the key's type.
     """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"a configuration must be a mapping, got {type(data).__name__}")
-    top = _field_types(Config)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in SECTIONS:
-            kwargs[key] = _section_from_dict(SECTIONS[key], value, key)
-        elif key in top:
-            kwargs[key] = coerce_value(value, top[key], key)
-        else:
-            raise ConfigError(f"unknown key {key}; valid keys: {_valid_keys(Config)}")
-    return Config(**kwargs)
+    return dataclass_from_dict(Config, data)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -429,10 +449,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if parts[0] in SECTIONS:
                 raise ConfigError(
                     f"override {item!r}: {parts[0]} is a section; set one of its keys: "
-                    f"{_valid_keys(SECTIONS[parts[0]])}"
+                    f"{valid_keys(SECTIONS[parts[0]])}"
                 )
             if parts[0] not in top:
-                raise ConfigError(f"unknown key {key}; valid keys: {_valid_keys(Config)}")
+                raise ConfigError(f"unknown key {key}; valid keys: {valid_keys(Config)}")
             setattr(cfg, parts[0], coerce_value(value, top[parts[0]], key))
         elif len(parts) == 2:
             section, name = parts
@@ -443,7 +463,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             types_ = _field_types(SECTIONS[section])
             if name not in types_:
                 raise ConfigError(
-                    f"unknown key {key}; valid keys of {section}: {_valid_keys(SECTIONS[section])}"
+                    f"unknown key {key}; valid keys of {section}: {valid_keys(SECTIONS[section])}"
                 )
             setattr(getattr(cfg, section), name, coerce_value(value, types_[name], key))
         else:

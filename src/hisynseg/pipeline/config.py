@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-from hisynseg.config import Config, ConfigError, coerce_value, read_yaml_mapping
+from hisynseg.config import (
+    Config,
+    ConfigError,
+    coerce_field,
+    dataclass_from_dict,
+    read_yaml_mapping,
+    valid_keys,
+)
 from hisynseg.datasets.io import atomic_write_text
 
 __all__ = [
@@ -165,44 +172,13 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
-def _keys(cls: type) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(cls))
-
-
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of {_keys(cls)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if key not in hints:
-            raise ConfigError(f"unknown key {name}; valid keys here: {_keys(cls)}")
-        kwargs[key] = _value(hints[key], value, name)
-    return cls(**kwargs)
-
-
-def _value(tp: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, name)
-    if typing.get_origin(tp) is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    return coerce_value(value, tp, name)
-
-
 def pipeline_config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
     """Build a recipe from nested dictionaries (missing keys keep their defaults).
 
     Raises:
         ConfigError: An unknown key (the message lists the valid ones) or a bad value.
     """
-    return _from_dict(PipelineConfig, data or {}, "")
+    return dataclass_from_dict(PipelineConfig, data)
 
 
 def pipeline_config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
@@ -231,7 +207,9 @@ def apply_pipeline_overrides(cfg: PipelineConfig, overrides: list[str]) -> Pipel
                 hints = typing.get_type_hints(cls)
                 if part not in hints:
                     where = ".".join(parts[:depth]) or "the recipe"
-                    raise ConfigError(f"unknown key {key}; valid keys of {where}: {_keys(cls)}")
+                    raise ConfigError(
+                        f"unknown key {key}; valid keys of {where}: {valid_keys(cls)}"
+                    )
                 tp = hints[part]
             else:
                 tp = None  # inside a free-form mapping (synthesis.mosaic / .bezier)
@@ -241,7 +219,7 @@ def apply_pipeline_overrides(cfg: PipelineConfig, overrides: list[str]) -> Pipel
                 elif dataclasses.is_dataclass(tp):
                     raise ConfigError(f"override {item!r}: {key} is a section; set one of its keys")
                 else:
-                    node[part] = _value(tp, raw, key)
+                    node[part] = coerce_field(tp, raw, key)
             else:
                 if tp is not None and not (
                     dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict
