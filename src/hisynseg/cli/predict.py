@@ -131,8 +131,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--workers",
         type=positive_int,
         metavar="N",
-        help="threads reading and decoding tiles ahead of the network (default: one per "
-        "CPU core, at most 8)",
+        help="threads or processes reading and decoding tiles ahead of the network "
+        "(default: one per CPU core, at most 8)",
+    )
+    p.add_argument(
+        "--tile-loader",
+        choices=("auto", "threads", "processes"),
+        default="auto",
+        help="read tiles in threads, or in worker processes free of the GIL (what a fast "
+        "GPU needs); auto: processes for TIFF and OpenSlide inputs of 256 tiles or more "
+        "with 4+ workers, threads otherwise (default: auto)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -161,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         max_tiles=args.max_tiles,
         progress=not args.no_progress,
         workers=args.workers,
+        tile_loader=args.tile_loader,
     )
     options.check()  # before the (possibly large) model is loaded
     inputs = list_inputs(args.inputs)

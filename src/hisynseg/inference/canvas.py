@@ -108,9 +108,10 @@ class DiskCanvas:
         rows = np.asarray(rows)
         if rows.shape[1:] != self.shape[1:]:
             raise ValueError(f"rows of shape {rows.shape[1:]} for a canvas of {self.shape}")
+        # No flush: the file is read back through the page cache by this process, and an
+        # msync per band would make every write wait for the disk.
         band = self._band(top, rows.shape[0], "r+")
         band[:] = rows
-        band.flush()
         del band
 
     def read_rows(self, top: int, count: int) -> np.ndarray:

@@ -46,6 +46,7 @@ from hisynseg.inference.outputs import (
     write_mask_geojson,
     write_mask_tiff,
 )
+from hisynseg.inference.tile_loading import LOADER_KINDS
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.inference.wsi import BLEND_MODES, PredictionError, plan_tiles, predict_slide
 from hisynseg.slides.base import read_thumbnail
@@ -88,8 +89,10 @@ class PredictOptions:
         overwrite: Predict inputs whose outputs already exist.
         max_tiles: Stop each input after this many tiles (quick checks).
         progress: Progress bar over each input's tiles.
-        workers: Threads reading and decoding tiles ahead of the network; ``None``: one
-            per CPU core, at most eight.
+        workers: Threads or processes reading and decoding tiles ahead of the network;
+            ``None``: one per CPU core, at most eight.
+        tile_loader: ``auto``, ``threads`` or ``processes``: what reads the tiles
+            (:func:`hisynseg.inference.tile_loading.choose_loader`).
     """
 
     tile: int = 512
@@ -111,6 +114,7 @@ class PredictOptions:
     max_tiles: int | None = None
     progress: bool = True
     workers: int | None = None
+    tile_loader: str = "auto"
 
     def check(self) -> None:
         """Raise :class:`PredictionError` for values that cannot work."""
@@ -122,7 +126,12 @@ class PredictOptions:
         if self.batch_size < 1:
             raise PredictionError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
-            raise PredictionError(f"need at least one reader thread, got {self.workers}")
+            raise PredictionError(f"need at least one tile reader, got {self.workers}")
+        if self.tile_loader not in LOADER_KINDS:
+            raise PredictionError(
+                f"unknown tile loader {self.tile_loader!r}; expected one of "
+                + ", ".join(LOADER_KINDS)
+            )
         for name in ("target_mpp", "mpp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -288,6 +297,7 @@ def predict_file(
             progress=options.progress,
             description=path.name,
             workers=options.workers,
+            tile_loader=options.tile_loader,
         )
         t0 = time.perf_counter()
         breakdown: dict[str, float] = {}

@@ -19,12 +19,18 @@ import numpy as np
 
 from hisynseg.slides.base import SlideReader, read_thumbnail
 
-__all__ = ["TissueDetector", "saturation"]
+__all__ = ["TissueDetector", "pixel_tissue_mask", "saturation"]
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (0–255, ``uint8``) of an ``h×w×3`` ``uint8`` RGB image."""
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[:, :, 1]
+
+
+def pixel_tissue_mask(rgb: np.ndarray, threshold: float) -> np.ndarray:
+    """Tissue (``True``) per pixel of an RGB tile: smoothed saturation above ``threshold``."""
+    sat = cv2.GaussianBlur(saturation(rgb), (0, 0), 1.0)
+    return sat > threshold
 
 
 @dataclass
@@ -92,5 +98,4 @@ class TissueDetector:
 
     def pixel_mask(self, rgb: np.ndarray) -> np.ndarray:
         """Tissue (``True``) per pixel of an RGB tile, by the slide's threshold."""
-        sat = cv2.GaussianBlur(saturation(rgb), (0, 0), 1.0)
-        return sat > self.threshold
+        return pixel_tissue_mask(rgb, self.threshold)

@@ -12,10 +12,12 @@ stream:
    slide's thumbnail (:class:`~hisynseg.inference.tissue.TissueDetector`) is not run.
 3. **Predict** batches of tiles with a backend that maps RGB tiles to class
    probabilities (:mod:`hisynseg.inference.backends`). The next batches are read,
-   decoded and given their tissue masks by a pool of reader threads (a bounded queue of
-   ``workers + 1`` batches, so memory stays bounded), and a blending thread merges one
-   batch while the network runs the next, so that on an accelerator reading, the network
-   and blending all overlap.
+   decoded and given their tissue shares by a tile loader
+   (:mod:`hisynseg.inference.tile_loading`: threads of this process, or worker processes
+   writing into shared memory, which a fast accelerator needs because much of a tile's
+   host work holds the GIL); at most ``workers + 2`` batches are in flight, so memory
+   stays bounded. A blending thread merges one batch while the network runs the next,
+   so reading, the network and blending all overlap.
    A backend with a ``pooled(tiles, d)`` method (:class:`~hisynseg.inference.backends.
    Backend`) reduces the probabilities to the output resolution on its device.
 4. **Blend**: each tile's probabilities, reduced to the output resolution, are weighted by
@@ -40,12 +42,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from hisynseg.errors import HisynsegError
 from hisynseg.inference.canvas import DiskCanvas
 from hisynseg.inference.sliding import ProbabilityMerger, window_starts
+from hisynseg.inference.tile_loading import (
+    LOADER_KINDS,
+    LoadedBatch,
+    ProcessTileLoader,
+    ThreadTileLoader,
+    TileGeometry,
+    TileLoader,
+    choose_loader,
+    read_tile,
+    reader_factory,
+)
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.slides.base import SlideReader, best_level
 
@@ -111,6 +123,11 @@ class TilePlan:
     @property
     def num_tiles(self) -> int:
         return len(self.tops) * len(self.lefts)
+
+    @property
+    def geometry(self) -> TileGeometry:
+        """What a tile reader needs of the plan."""
+        return TileGeometry(self.level, self.level_scale, self.tile, self.output_downsample)
 
     @property
     def level0_per_output(self) -> float:
@@ -256,38 +273,9 @@ def _pool(x: np.ndarray, d: int) -> np.ndarray:
     return x.reshape(*lead, h // d, d, w // d, d).mean(axis=(-3, -1))
 
 
-def _pool_mask(mask: np.ndarray, d: int) -> np.ndarray:
-    """``float32`` share of ``True`` over ``d×d`` blocks of a boolean mask.
-
-    Equal to ``_pool(mask.astype(np.float32), d)`` (block counts are small integers, so
-    any summation order gives the same value) without a float copy of the mask.
-    """
-    if d == 1:
-        return mask.astype(np.float32)
-    h, w = mask.shape
-    counts = mask.reshape(h // d, d, w // d, d).sum(axis=(1, 3), dtype=np.float32)
-    return counts / np.float32(d * d)
-
-
 def default_workers() -> int:
-    """Reader threads for :func:`predict_slide`: one per CPU core, at most eight."""
+    """Tile readers for :func:`predict_slide`: one per CPU core, at most eight."""
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def read_tile(reader: SlideReader, plan: TilePlan, top: int, left: int) -> np.ndarray:
-    """The ``tile×tile×3`` RGB tile at model pixel ``(top, left)`` (white beyond the slide)."""
-    t, r = plan.tile, plan.level_scale
-    if abs(r - 1.0) < 1e-6:
-        return reader.read_region(plan.level, left, top, t, t)
-    lx, ly, span = left * r, top * r, t * r
-    x0, y0 = math.floor(lx), math.floor(ly)
-    x1, y1 = math.ceil(lx + span), math.ceil(ly + span)
-    region = reader.read_region(plan.level, x0, y0, x1 - x0, y1 - y0)
-    ox, oy = round((lx - x0) / r), round((ly - y0) / r)
-    w = max(round((x1 - x0) / r), ox + t)
-    h = max(round((y1 - y0) / r), oy + t)
-    small = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(small[oy : oy + t, ox : ox + t])
 
 
 class _BandAccumulator:
@@ -329,6 +317,8 @@ class SlidePrediction:
         tissue_threshold: Saturation threshold of the tissue test, or ``None``.
         seconds: Wall time of the tile loop.
         predict_seconds: Time spent in the backend.
+        tile_loader: ``"threads"`` or ``"processes"``: how tiles were read.
+        workers: Reader threads or processes.
     """
 
     counts: np.ndarray
@@ -338,6 +328,8 @@ class SlidePrediction:
     tissue_threshold: float | None
     seconds: float
     predict_seconds: float
+    tile_loader: str = "threads"
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -350,7 +342,29 @@ class SlidePrediction:
             "tiles_per_second": round(self.tiles_predicted / self.seconds, 3)
             if self.seconds > 0
             else None,
+            "tile_loader": self.tile_loader,
+            "workers": self.workers,
         }
+
+
+def open_tile_loader(
+    kind: str,
+    reader: SlideReader,
+    plan: TilePlan,
+    tissue: TissueDetector | None,
+    workers: int,
+    batch_size: int,
+    num_tiles: int,
+) -> TileLoader:
+    """The tile loader :func:`predict_slide` reads with (see :func:`choose_loader`)."""
+    threshold = None if tissue is None else tissue.threshold
+    if choose_loader(kind, reader, workers, num_tiles) == "processes":
+        factory = reader_factory(reader)
+        assert factory is not None  # choose_loader checked
+        return ProcessTileLoader(
+            factory, reader.path, plan.geometry, threshold, workers, batch_size
+        )
+    return ThreadTileLoader(reader, plan.geometry, threshold, workers)
 
 
 def predict_slide(
@@ -370,12 +384,14 @@ def predict_slide(
     progress: bool = False,
     description: str = "tiles",
     workers: int | None = None,
+    tile_loader: str = "auto",
 ) -> SlidePrediction:
     """Predict a slide tile by tile into ``mask_out`` (and ``probs_out``).
 
     Args:
         reader: The slide.
-        predict: Maps ``B×T×T×3`` ``uint8`` RGB tiles to ``B×C×T×T`` probabilities.
+        predict: Maps ``B×T×T×3`` ``uint8`` RGB tiles to ``B×C×T×T`` probabilities
+            (the tiles are only valid during the call).
         plan: From :func:`plan_tiles`.
         num_classes: ``C``.
         background_index: Mask value of glass and of pixels no tile predicted.
@@ -389,8 +405,12 @@ def predict_slide(
         max_tiles: Stop after this many tiles (quick checks; the rest stays background).
         progress: Show a progress bar over the tiles.
         description: Progress bar label.
-        workers: Reader threads (``None``: :func:`default_workers`); up to
+        workers: Reader threads or processes (``None``: :func:`default_workers`); up to
             ``workers + 1`` batches are read ahead.
+        tile_loader: ``threads``, ``processes`` (spawned workers reading into shared
+            memory, free of this process's GIL) or ``auto`` (processes for large slides
+            whose reader can be reopened; :func:`~hisynseg.inference.tile_loading.
+            choose_loader`).
 
     Returns:
         Counts per class and tile statistics.
@@ -406,7 +426,11 @@ def predict_slide(
         raise PredictionError(f"batch size must be at least 1, got {batch_size}")
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
-        raise PredictionError(f"need at least one reader thread, got {workers}")
+        raise PredictionError(f"need at least one tile reader, got {workers}")
+    if tile_loader not in LOADER_KINDS:
+        raise PredictionError(
+            f"unknown tile loader {tile_loader!r}; expected one of {', '.join(LOADER_KINDS)}"
+        )
     t, d, s = plan.tile, plan.output_downsample, plan.scale
     start = time.perf_counter()
     tiles = list(plan.tiles())
@@ -438,12 +462,6 @@ def predict_slide(
             p[~covered] = 0
             probs_out.write_rows(top, p)
 
-    def load(batch: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        images = np.stack([read_tile(reader, plan, top, left) for top, left in batch])
-        if tissue is None:
-            return images, [None] * len(batch)
-        return images, [_pool_mask(tissue.pixel_mask(im), d) for im in images]
-
     def run(images: np.ndarray) -> tuple[np.ndarray, float]:
         """Output-resolution probabilities of a batch, and the seconds the backend took."""
         t0 = time.perf_counter()
@@ -461,56 +479,59 @@ def predict_slide(
             )
         return (probs if pooled is not None else _pool(probs, d)), seconds
 
+    def blend_batch(
+        batch: Sequence[tuple[int, int]], probs: np.ndarray, loaded: LoadedBatch
+    ) -> None:
+        shares = loaded.shares
+        for i, (top, left) in enumerate(batch):
+            p = probs[i]
+            if shares is not None:
+                p = np.concatenate([p, shares[i][None]], axis=0)
+            for chunk in band.flush(top // d):
+                emit(*chunk)
+            band.add(p, top // d, left // d, weight)
+        loaded.release()
+
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
     bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
+    loader = open_tile_loader(tile_loader, reader, plan, tissue, workers, batch_size, len(tiles))
     try:
-        # Reader threads keep up to ``workers + 1`` batches read ahead. The network runs
-        # in this thread (its large allocations stay in one malloc arena) and a second
-        # thread blends batch i while batch i + 1 is predicted, so an accelerator never
-        # waits for the blending; one blend at a time keeps the rows in order.
-        with (
-            ThreadPoolExecutor(max_workers=workers) as readers,
-            ThreadPoolExecutor(max_workers=1) as blender,
-        ):
-            reads: deque[Future[tuple[np.ndarray, list[np.ndarray | None]]]] = deque()
+        # The loader keeps batches read ahead (its depth counts those and the two batches
+        # held here). The network runs in this thread (its large allocations stay in one
+        # malloc arena) and a second thread blends batch i while batch i + 1 is
+        # predicted, so an accelerator never waits for the blending; one blend at a time
+        # keeps the rows in order.
+        with ThreadPoolExecutor(max_workers=1) as blender:
+            reads: deque[Future[LoadedBatch]] = deque()
             queued = 0
+            blending: Future[None] | None = None
 
             def read_ahead() -> None:
                 nonlocal queued
-                while queued < len(batches) and len(reads) < workers + 1:
-                    reads.append(readers.submit(load, batches[queued]))
+                held = 1 if blending is not None and not blending.done() else 0
+                while queued < len(batches) and len(reads) + held + 1 < loader.depth:
+                    reads.append(loader.submit(batches[queued]))
                     queued += 1
 
-            def blend_batch(
-                batch: Sequence[tuple[int, int]],
-                probs: np.ndarray,
-                masks: list[np.ndarray | None],
-            ) -> None:
-                for (top, left), p, m in zip(batch, probs, masks, strict=True):
-                    if m is not None:
-                        p = np.concatenate([p, m[None]], axis=0)
-                    for chunk in band.flush(top // d):
-                        emit(*chunk)
-                    band.add(p, top // d, left // d, weight)
-
             read_ahead()
-            blending: Future[None] | None = None
             for batch in batches:
-                images, masks = reads.popleft().result()
+                loaded = reads.popleft().result()
                 read_ahead()
-                probs, seconds = run(images)
+                probs, seconds = run(loaded.images)
                 predict_seconds += seconds
                 if blending is not None:
                     blending.result()
-                blending = blender.submit(blend_batch, batch, probs, masks)
+                blending = blender.submit(blend_batch, batch, probs, loaded)
                 bar.update(len(batch))
+                read_ahead()
             if blending is not None:
                 blending.result()
         for chunk in band.flush(ho):
             emit(*chunk)
     finally:
         bar.close()
+        loader.close()
     return SlidePrediction(
         counts=counts,
         tiles_total=plan.num_tiles,
@@ -519,4 +540,6 @@ def predict_slide(
         tissue_threshold=None if tissue is None else tissue.threshold,
         seconds=time.perf_counter() - start,
         predict_seconds=predict_seconds,
+        tile_loader=loader.kind,
+        workers=workers,
     )

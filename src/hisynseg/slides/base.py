@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
@@ -102,6 +103,11 @@ class LevelledReader:
     @property
     def mpp(self) -> float | None:
         return self._mpp
+
+    def reopener(self) -> Callable[[str], SlideReader] | None:
+        """A picklable callable that opens this reader's file again (in a worker process),
+        or ``None`` when reopening would cost too much (a plain picture decoded whole)."""
+        return None
 
     def close(self) -> None:
         raise NotImplementedError

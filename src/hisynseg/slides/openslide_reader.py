@@ -62,6 +62,9 @@ class OpenSlideReader(LevelledReader):
         self._dims = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
 
+    def reopener(self) -> type[OpenSlideReader]:
+        return OpenSlideReader
+
     @property
     def is_slide(self) -> bool:
         return True

@@ -14,6 +14,7 @@ believable (see :data:`hisynseg.slides.base.MPP_RANGE`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -142,6 +143,11 @@ class TiffSlideReader(LevelledReader):
         self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
         self._downsamples = tuple(w0 / w for w, _ in self._dims)
         self._lock = threading.Lock()
+
+    def reopener(self) -> functools.partial[TiffSlideReader]:
+        # A worker reads whole batches of neighbouring tiles, so a quarter of the cache
+        # still holds the stored tiles they share.
+        return functools.partial(TiffSlideReader, cache_bytes=self._cache_limit // 4)
 
     @property
     def is_slide(self) -> bool:

@@ -1,0 +1,429 @@
+"""Reading prediction tiles ahead of the network: in threads, or in worker processes.
+
+A tile costs the host more than its decoding: assembling it from the file's stored tiles,
+resampling it to the model's resolution, its tissue mask and the mask's reduction to the
+output resolution. Much of that holds Python's GIL, so on a machine whose accelerator
+predicts a thousand tiles a second, threads of one process cannot feed it however many
+cores it has. Two loaders share one interface (:meth:`TileLoader.submit` a batch of tile
+positions, get a future of a :class:`LoadedBatch`):
+
+- :class:`ThreadTileLoader` reads in a pool of threads of this process (any reader; no
+  start-up cost; the reader's decoded-tile cache is shared by all threads).
+- :class:`ProcessTileLoader` reads in spawned worker processes, each with its own reader
+  opened from the file's path, into a ring of batch slots in shared memory, so a batch
+  crosses to the network without being pickled or copied. A slot is reused once its
+  batch is released.
+
+This module imports neither torch nor the network code, so that worker processes start
+in a fraction of a second and stay small.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any, NamedTuple, Protocol
+
+import cv2
+import numpy as np
+
+from hisynseg.errors import HisynsegError
+from hisynseg.inference.tissue import pixel_tissue_mask
+from hisynseg.slides.base import SlideReader
+
+__all__ = [
+    "LOADER_KINDS",
+    "LoadedBatch",
+    "ProcessTileLoader",
+    "ThreadTileLoader",
+    "TileGeometry",
+    "TileLoader",
+    "choose_loader",
+    "load_batch",
+    "pool_mask",
+    "read_tile",
+    "reader_factory",
+]
+
+LOADER_KINDS = ("auto", "threads", "processes")
+# "auto" starts processes only for inputs with at least this many tiles (below it, the
+# workers' start-up, about a second, costs more than the GIL does) and with at least this
+# many workers: with fewer cores the GIL is not what limits, and threads sharing one
+# decoded-tile cache decode less (each process caches only the tiles it read itself).
+MIN_TILES_FOR_PROCESSES = 256
+MIN_WORKERS_FOR_PROCESSES = 4
+
+Position = tuple[int, int]
+
+
+class TileGeometry(NamedTuple):
+    """What reading a tile needs of a :class:`~hisynseg.inference.wsi.TilePlan`.
+
+    Attributes:
+        level: Pyramid level the tiles are read from.
+        level_scale: Level pixels per model pixel (1: read as is).
+        tile: Tile side in model pixels.
+        output_downsample: Model pixels per output pixel (side).
+    """
+
+    level: int
+    level_scale: float
+    tile: int
+    output_downsample: int
+
+
+def read_tile(reader: SlideReader, plan: Any, top: int, left: int) -> np.ndarray:
+    """The ``tile×tile×3`` RGB tile at model pixel ``(top, left)`` (white beyond the slide).
+
+    Args:
+        reader: The slide.
+        plan: A :class:`~hisynseg.inference.wsi.TilePlan` or a :class:`TileGeometry`.
+        top: Tile row in model pixels.
+        left: Tile column in model pixels.
+    """
+    t, r = plan.tile, plan.level_scale
+    if abs(r - 1.0) < 1e-6:
+        return reader.read_region(plan.level, left, top, t, t)
+    lx, ly, span = left * r, top * r, t * r
+    x0, y0 = math.floor(lx), math.floor(ly)
+    x1, y1 = math.ceil(lx + span), math.ceil(ly + span)
+    region = reader.read_region(plan.level, x0, y0, x1 - x0, y1 - y0)
+    ox, oy = round((lx - x0) / r), round((ly - y0) / r)
+    w = max(round((x1 - x0) / r), ox + t)
+    h = max(round((y1 - y0) / r), oy + t)
+    small = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(small[oy : oy + t, ox : ox + t])
+
+
+def pool_mask(mask: np.ndarray, d: int) -> np.ndarray:
+    """``float32`` share of ``True`` over ``d×d`` blocks of a boolean mask (sides divisible
+    by ``d``).
+
+    Exact block counts from a summed-area table (cv2, outside the GIL), divided by ``d²``.
+    """
+    if d == 1:
+        return mask.astype(np.float32)
+    table = cv2.integral(np.ascontiguousarray(mask).view(np.uint8))
+    counts = table[d::d, d::d] - table[:-d:d, d::d] - table[d::d, :-d:d] + table[:-d:d, :-d:d]
+    return counts.astype(np.float32) / np.float32(d * d)
+
+
+def load_batch(
+    reader: SlideReader,
+    geometry: TileGeometry,
+    positions: Sequence[Position],
+    tissue_threshold: float | None,
+    images: np.ndarray,
+    shares: np.ndarray | None,
+) -> None:
+    """Read tiles at ``positions`` into ``images[i]`` and their tissue shares into ``shares[i]``.
+
+    Args:
+        reader: The slide.
+        geometry: Where and at what scale tiles are read.
+        positions: ``(top, left)`` of each tile in model pixels.
+        tissue_threshold: Saturation threshold of tissue; ``None``: no tissue shares.
+        images: ``≥n×T×T×3`` ``uint8`` destination.
+        shares: ``≥n×(T/d)×(T/d)`` ``float32`` destination of the tissue share per output
+            pixel (with ``tissue_threshold``).
+    """
+    d = geometry.output_downsample
+    for i, (top, left) in enumerate(positions):
+        images[i] = read_tile(reader, geometry, top, left)
+        if tissue_threshold is not None and shares is not None:
+            shares[i] = pool_mask(pixel_tissue_mask(images[i], tissue_threshold), d)
+
+
+@dataclass
+class LoadedBatch:
+    """Tiles read for the network.
+
+    Attributes:
+        images: ``n×T×T×3`` ``uint8`` RGB; valid until :meth:`release`.
+        shares: ``n×(T/d)×(T/d)`` ``float32`` tissue shares, or ``None`` without tissue
+            detection.
+    """
+
+    images: np.ndarray
+    shares: np.ndarray | None
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Give the memory back to the loader (the arrays must no longer be used)."""
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class TileLoader(Protocol):
+    """Reads batches of tiles in the background; at most ``depth`` batches are pending or
+    held (not yet released) at once."""
+
+    kind: str
+    depth: int
+
+    def submit(self, positions: Sequence[Position]) -> Future[LoadedBatch]: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadTileLoader:
+    """Reads batches in ``workers`` threads sharing ``reader``.
+
+    Args:
+        reader: The slide (must be safe to read from several threads).
+        geometry: Where and at what scale tiles are read.
+        tissue_threshold: Saturation threshold of tissue, or ``None``.
+        workers: Threads.
+    """
+
+    kind = "threads"
+
+    def __init__(
+        self,
+        reader: SlideReader,
+        geometry: TileGeometry,
+        tissue_threshold: float | None,
+        workers: int,
+    ) -> None:
+        self.reader = reader
+        self.geometry = geometry
+        self.tissue_threshold = tissue_threshold
+        self.workers = workers
+        self.depth = workers + 2
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+
+    def _load(self, positions: Sequence[Position]) -> LoadedBatch:
+        t, d = self.geometry.tile, self.geometry.output_downsample
+        images = np.empty((len(positions), t, t, 3), np.uint8)
+        shares = None
+        if self.tissue_threshold is not None:
+            shares = np.empty((len(positions), t // d, t // d), np.float32)
+        load_batch(self.reader, self.geometry, positions, self.tissue_threshold, images, shares)
+        return LoadedBatch(images, shares)
+
+    def submit(self, positions: Sequence[Position]) -> Future[LoadedBatch]:
+        return self._pool.submit(self._load, list(positions))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# State of a worker process of ProcessTileLoader, set by _start_worker.
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(
+    reader_factory: Callable[[str], SlideReader],
+    path: str,
+    memory_name: str,
+    slot_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    slots: int,
+    geometry: TileGeometry,
+    tissue_threshold: float | None,
+) -> None:
+    # Each worker decodes on its own core: more threads per worker would oversubscribe.
+    cv2.setNumThreads(1)
+    memory = shared_memory.SharedMemory(name=memory_name)
+    images, shares = _slot_views(memory, slot_shapes, slots)
+    _worker.update(
+        reader=reader_factory(path),
+        memory=memory,
+        images=images,
+        shares=shares,
+        geometry=geometry,
+        tissue_threshold=tissue_threshold,
+    )
+
+
+def _load_into_slot(slot: int, positions: list[Position]) -> int:
+    w = _worker
+    shares = w["shares"][slot] if w["tissue_threshold"] is not None else None
+    load_batch(
+        w["reader"], w["geometry"], positions, w["tissue_threshold"], w["images"][slot], shares
+    )
+    return slot
+
+
+def _slot_views(
+    memory: shared_memory.SharedMemory,
+    slot_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    slots: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``slots×B×T×T×3`` ``uint8`` images and ``slots×B×t×t`` ``float32`` shares in ``memory``."""
+    image_shape, share_shape = slot_shapes
+    images = np.ndarray((slots, *image_shape), np.uint8, buffer=memory.buf)
+    offset = images.nbytes
+    shares = np.ndarray((slots, *share_shape), np.float32, buffer=memory.buf, offset=offset)
+    return images, shares
+
+
+def _memory_bytes(slot_shapes: tuple[tuple[int, ...], tuple[int, ...]], slots: int) -> int:
+    image_shape, share_shape = slot_shapes
+    return slots * (math.prod(image_shape) + 4 * math.prod(share_shape))
+
+
+class ProcessTileLoader:
+    """Reads batches in ``workers`` spawned processes into shared memory.
+
+    Args:
+        reader_factory: Opens the slide from its path in a worker (a picklable callable:
+            a reader class, or :func:`functools.partial` of one).
+        path: The slide.
+        geometry: Where and at what scale tiles are read.
+        tissue_threshold: Saturation threshold of tissue, or ``None``.
+        workers: Processes.
+        batch_size: Largest batch that will be submitted.
+
+    Raises:
+        HisynsegError: A worker cannot open the slide, or dies.
+    """
+
+    kind = "processes"
+
+    def __init__(
+        self,
+        reader_factory: Callable[[str], SlideReader],
+        path: str | os.PathLike[str],
+        geometry: TileGeometry,
+        tissue_threshold: float | None,
+        workers: int,
+        batch_size: int,
+    ) -> None:
+        t, d = geometry.tile, geometry.output_downsample
+        self.path = str(path)
+        self.workers = workers
+        self.batch_size = batch_size
+        # Pending reads plus the batch the network holds plus the one being blended.
+        self.depth = workers + 2
+        shapes = ((batch_size, t, t, 3), (batch_size, t // d, t // d))
+        self._memory = shared_memory.SharedMemory(
+            create=True, size=_memory_bytes(shapes, self.depth)
+        )
+        self._images, self._shares = _slot_views(self._memory, shapes, self.depth)
+        self._tissue = tissue_threshold is not None
+        self._free = list(range(self.depth))
+        try:
+            # spawn, not fork: the parent may hold CUDA state and threads.
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(
+                    reader_factory,
+                    self.path,
+                    self._memory.name,
+                    shapes,
+                    self.depth,
+                    geometry,
+                    tissue_threshold,
+                ),
+            )
+        except BaseException:
+            self._close_memory()
+            raise
+
+    def submit(self, positions: Sequence[Position]) -> Future[LoadedBatch]:
+        positions = list(positions)
+        if len(positions) > self.batch_size:
+            raise ValueError(f"a batch of {len(positions)} tiles for slots of {self.batch_size}")
+        if not self._free:
+            raise RuntimeError(f"all {self.depth} batch slots are in use; release a batch first")
+        slot = self._free.pop()
+        done: Future[LoadedBatch] = Future()
+        try:
+            work = self._pool.submit(_load_into_slot, slot, positions)
+        except BrokenProcessPool:
+            self._free.append(slot)
+            raise self._died() from None
+
+        def finish(work: Future[int]) -> None:
+            error = work.exception()
+            if error is not None:
+                self._free.append(slot)
+                done.set_exception(self._died() if isinstance(error, BrokenProcessPool) else error)
+                return
+            n = len(positions)
+            done.set_result(
+                LoadedBatch(
+                    self._images[slot, :n],
+                    self._shares[slot, :n] if self._tissue else None,
+                    lambda: self._free.append(slot),
+                )
+            )
+
+        work.add_done_callback(finish)
+        return done
+
+    def _died(self) -> HisynsegError:
+        return HisynsegError(
+            f"{self.path}: a tile reader process died: out of memory, a crash in the slide "
+            "library, or a script that predicts at import time (worker processes import "
+            "the main script: guard its work with if __name__ == '__main__'); use "
+            "--tile-loader threads (tile_loader='threads') to read without processes"
+        )
+
+    def close(self) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self._close_memory()
+
+    def _close_memory(self) -> None:
+        # Views into the block must go before it can be closed; a batch still held by
+        # the caller (after an error) keeps the mapping alive until it is collected.
+        self._images = self._shares = None  # type: ignore[assignment]
+        try:
+            self._memory.close()
+        except BufferError:
+            pass
+        self._memory.unlink()
+
+
+def reader_factory(reader: SlideReader) -> Callable[[str], SlideReader] | None:
+    """What opens ``reader``'s file again in a worker process, or ``None`` when it cannot
+    (a reader without a ``reopener`` method, or one whose method says no)."""
+    reopener = getattr(reader, "reopener", None)
+    return reopener() if callable(reopener) else None
+
+
+def choose_loader(
+    kind: str,
+    reader: SlideReader,
+    workers: int,
+    num_tiles: int,
+) -> str:
+    """``"threads"`` or ``"processes"`` for reading ``num_tiles`` tiles of ``reader``.
+
+    ``auto`` picks processes when the reader can be reopened in a worker (its
+    ``reopener()`` gives a factory), there are at least
+    :data:`MIN_WORKERS_FOR_PROCESSES` workers and :data:`MIN_TILES_FOR_PROCESSES` tiles;
+    threads otherwise.
+
+    Raises:
+        HisynsegError: ``processes`` asked for a reader that cannot be reopened.
+    """
+    if kind not in LOADER_KINDS:
+        raise HisynsegError(
+            f"unknown tile reader {kind!r}; expected one of {', '.join(LOADER_KINDS)}"
+        )
+    reopenable = reader_factory(reader) is not None
+    if kind == "processes" and not reopenable:
+        raise HisynsegError(
+            f"{reader.path}: {type(reader).__name__} cannot be read from worker processes "
+            "(plain pictures are decoded whole); use --tile-loader threads"
+        )
+    if kind == "auto":
+        use = (
+            reopenable
+            and workers >= MIN_WORKERS_FOR_PROCESSES
+            and num_tiles >= MIN_TILES_FOR_PROCESSES
+        )
+        return "processes" if use else "threads"
+    return kind

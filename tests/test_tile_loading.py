@@ -1,0 +1,238 @@
+"""Reading prediction tiles in threads or in worker processes (shared memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hisynseg.errors import HisynsegError
+from hisynseg.inference.tile_loading import (
+    ProcessTileLoader,
+    TileGeometry,
+    choose_loader,
+    pool_mask,
+    read_tile,
+)
+from hisynseg.inference.tissue import pixel_tissue_mask
+from hisynseg.slides import PlainImageReader, TiffSlideReader, open_slide
+from hisynseg.slides.base import SlideReadError
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def _stained(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Tissue-coloured texture with a band of glass on the right."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC) // 2
+    image = image + np.array([100, 20, 90], np.uint8)
+    image[:, width * 3 // 4 :] = 244
+    return image
+
+
+def _write_slide(path: Path, image: np.ndarray) -> None:
+    from test_slides import write_pyramid
+
+    write_pyramid(path, image, mpp=0.5, tile=64)
+
+
+def _die(path: str) -> None:
+    """A reader factory whose worker process dies at once."""
+    os._exit(3)
+
+
+def test_pool_mask_equals_the_block_mean() -> None:
+    mask = np.random.default_rng(0).random((64, 96)) > 0.6
+    for d in (1, 2, 4, 8):
+        expected = mask.reshape(64 // d, d, 96 // d, d).mean(axis=(1, 3))
+        result = pool_mask(mask, d)
+        assert result.dtype == np.float32 and result.shape == (64 // d, 96 // d)
+        np.testing.assert_array_equal(result, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("target_mpp", [None, 0.75])
+def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: float | None) -> None:
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.tissue import TissueDetector
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    _write_slide(tmp_path / "s.tif", _stained(320, 384))
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        # Depends on every pixel, so a misplaced or stale tile changes the output.
+        x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        logits = np.concatenate([x, x.mean(1, keepdims=True) ** 2], axis=1) * 6.0
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    results = []
+    for loader in ("threads", "processes"):
+        with open_slide(tmp_path / "s.tif") as reader:
+            plan = plan_tiles(
+                reader, tile=64, overlap=16, target_mpp=target_mpp, output_downsample=2
+            )
+            assert (plan.level_scale != 1.0) == (target_mpp is not None)
+            wo, ho = plan.output_size
+            mask = DiskCanvas.create(tmp_path / f"{loader}.raw", (ho, wo), np.uint8)
+            probs = DiskCanvas.create(tmp_path / f"{loader}.npy", (ho, wo, 4), np.float32)
+            stats = predict_slide(
+                reader,
+                backend,
+                plan,
+                4,
+                5,
+                mask,
+                probs,
+                batch_size=3,
+                tissue=TissueDetector.fit(reader),
+                workers=2,
+                tile_loader=loader,
+            )
+        assert stats.tile_loader == loader and stats.workers == 2
+        assert 4 < stats.tiles_predicted < plan.num_tiles  # glass tiles skipped
+        results.append((mask.read_all(), probs.read_all(), stats.counts))
+    (m1, p1, c1), (m2, p2, c2) = results
+    assert len(np.unique(m1)) >= 3 and (m1 == 5).any()
+    np.testing.assert_array_equal(m2, m1)
+    np.testing.assert_array_equal(p2, p1)
+    np.testing.assert_array_equal(c2, c1)
+
+
+def test_process_loader_fills_slots_and_frees_its_memory(tmp_path: Path) -> None:
+    image = _stained(192, 192, seed=1)
+    _write_slide(tmp_path / "s.tif", image)
+    geometry = TileGeometry(level=0, level_scale=1.0, tile=64, output_downsample=4)
+    positions = [[(0, 0), (0, 48), (100, 150)], [(128, 128)], [(10, 20), (64, 64)]]
+    padded = np.full((256, 256, 3), 255, np.uint8)  # beyond the slide: white
+    padded[:192, :192] = image
+    with open_slide(tmp_path / "s.tif") as reader:
+        loader = ProcessTileLoader(
+            reader.reopener(), reader.path, geometry, 20.0, workers=2, batch_size=3
+        )
+        name = loader._memory.name
+        try:
+            assert loader.depth == 4
+            futures = [loader.submit(batch) for batch in positions]
+            for batch, future in zip(positions, futures, strict=True):
+                loaded = future.result(timeout=60)
+                assert loaded.images.shape == (len(batch), 64, 64, 3)
+                assert loaded.shares is not None and loaded.shares.shape == (len(batch), 16, 16)
+                for i, (top, left) in enumerate(batch):
+                    expected = padded[top : top + 64, left : left + 64]
+                    np.testing.assert_array_equal(loaded.images[i], expected)
+                    np.testing.assert_array_equal(
+                        loaded.images[i], read_tile(reader, geometry, top, left)
+                    )
+                    shares = pool_mask(pixel_tissue_mask(expected, 20.0), 4)
+                    np.testing.assert_array_equal(loaded.shares[i], shares)
+                loaded.release()
+        finally:
+            loader.close()
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+
+
+def test_a_corrupt_tile_read_in_a_worker_names_the_file(tmp_path: Path) -> None:
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    path = tmp_path / "s.tif"
+    _write_slide(path, _stained(256, 256, seed=2))
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[5], page.databytecounts[5]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\x00" * count  # not a zlib stream any more
+    path.write_bytes(bytes(data))
+    with open_slide(path) as reader:
+        plan = plan_tiles(reader, tile=64, overlap=0)
+        mask = DiskCanvas.create(tmp_path / "m.raw", plan.output_size[::-1], np.uint8)
+        with pytest.raises(SlideReadError, match="s.tif.*cannot decode"):
+            predict_slide(
+                reader,
+                lambda t: np.ones((len(t), 4, 64, 64), np.float32) / 4,
+                plan,
+                4,
+                5,
+                mask,
+                batch_size=2,
+                workers=2,
+                tile_loader="processes",
+            )
+
+
+def test_a_dead_worker_is_an_actionable_error(tmp_path: Path) -> None:
+    geometry = TileGeometry(level=0, level_scale=1.0, tile=32, output_downsample=1)
+    loader = ProcessTileLoader(_die, tmp_path / "x.tif", geometry, None, workers=1, batch_size=1)
+    try:
+        with pytest.raises(HisynsegError, match="x.tif: a tile reader process died.*threads"):
+            loader.submit([(0, 0)]).result(timeout=60)
+    finally:
+        loader.close()
+
+
+def test_auto_chooses_processes_only_where_they_pay(tmp_path: Path) -> None:
+    _write_slide(tmp_path / "s.tif", _stained(128, 128))
+    with TiffSlideReader(tmp_path / "s.tif") as slide:
+        assert choose_loader("auto", slide, workers=8, num_tiles=1000) == "processes"
+        assert choose_loader("auto", slide, workers=2, num_tiles=1000) == "threads"
+        assert choose_loader("auto", slide, workers=8, num_tiles=20) == "threads"
+        assert choose_loader("threads", slide, workers=8, num_tiles=1000) == "threads"
+        assert choose_loader("processes", slide, workers=1, num_tiles=1) == "processes"
+    picture = PlainImageReader("pic.png", image=np.zeros((8, 8, 3), np.uint8))
+    assert choose_loader("auto", picture, workers=8, num_tiles=1000) == "threads"
+    with pytest.raises(HisynsegError, match="pic.png.*--tile-loader threads"):
+        choose_loader("processes", picture, workers=8, num_tiles=1000)
+    with pytest.raises(HisynsegError, match="unknown tile reader"):
+        choose_loader("fibres", picture, workers=8, num_tiles=1000)
+
+
+def test_tile_loading_does_not_import_torch() -> None:
+    code = (
+        "import sys, hisynseg.inference.tile_loading, hisynseg.slides; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_cli_records_the_tile_loader(tmp_path: Path) -> None:
+    import torch
+
+    from hisynseg.cli import main
+    from hisynseg.datasets.spec import get_dataset_spec
+    from hisynseg.models import build_segmenter
+    from hisynseg.models.checkpoint import export_segmenter
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    export_segmenter(
+        build_segmenter("resnet18", num_classes=4), get_dataset_spec("luad-histoseg"), ckpt
+    )
+    _write_slide(tmp_path / "slide.tif", _stained(128, 192))
+    cv2.imwrite(str(tmp_path / "pic.png"), _stained(64, 64))
+    masks = {}
+    for loader in ("threads", "processes"):
+        out = tmp_path / loader
+        args = ["predict", str(ckpt), str(tmp_path / "slide.tif"), str(tmp_path / "pic.png")]
+        args += ["--out", str(out), "--tile", "64", "--overlap", "16", "--no-progress"]
+        args += ["--workers", "2", "--tile-loader", loader]
+        rc = main(args)
+        record = json.loads((out / "predict.json").read_text())
+        status = {Path(r["input"]).name: r for r in record["inputs"]}
+        assert record["options"]["tile_loader"] == loader
+        assert status["slide.tif"]["details"]["tile_loader"] == loader
+        masks[loader] = tifffile.imread(out / "slide.mask.tif")
+        if loader == "processes":  # a picture cannot be read by processes
+            assert rc == 1 and status["pic.png"]["status"] == "failed"
+            assert "--tile-loader threads" in status["pic.png"]["error"]
+        else:
+            assert rc == 0
+    np.testing.assert_array_equal(masks["processes"], masks["threads"])
