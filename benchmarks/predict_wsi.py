@@ -10,7 +10,14 @@
 3. In the same run, times the model's bare batched forward pass on random tensors of the
    same batch and tile size: the ceiling the prediction loop is held against.
 
-Targets: peak RSS <= 2 GiB; tiles/s >= 80 % of the bare forward.
+Targets: peak RSS <= 2 GiB; tiles/s >= 80 % of the bare forward. With tile reader
+processes (``--tile-loader processes``, or ``auto`` with 4+ readers) the script also prints
+the peak memory of the whole process tree (PSS, sampled).
+
+``--gil`` runs the predict process under ``py-spy record --gil`` (``pip install py-spy``)
+and prints how long its tile loop held the GIL per tile: the most tiles/s its Python work
+allows however many cores there are. That ceiling is what a fast accelerator runs into, and
+it can be measured on a small CPU machine.
 
 ``--pipeline-only`` replaces the network by a pointwise (1×1 convolution) segmenter that
 costs next to nothing, so what is left is the pipeline: reading and decoding the slide,
@@ -24,6 +31,8 @@ cProfile of the child's main thread).
     python benchmarks/predict_wsi.py --max-tiles 64            # 20,000² slide, first 64 tiles
     python benchmarks/predict_wsi.py --target-mpp 2.0          # whole slide at 2 µm/px
     python benchmarks/predict_wsi.py --pipeline-only --batch 16  # the pipeline's own ceiling
+    python benchmarks/predict_wsi.py --pipeline-only --null-backend --batch 16 --workers 2 \
+        --tile-loader processes --gil                          # GIL ceiling, reader processes
 
 A 2-core CPU runs resnet18 DeepLabV3+ at roughly one 512² tile per second, so a full
 20,000² slide at its native resolution (about 1,500 tissue tiles) takes about half an
@@ -147,12 +156,69 @@ def write_slide(path: Path, size: int) -> int:
     return len(levels)
 
 
-_CHILD = """
+# Peak memory of the whole process tree (the predict process and its tile reader
+# processes): a thread sums the proportional set size (PSS: shared pages such as the batch
+# slots split between the processes sharing them) of the process and its descendants
+# every 0.2 s. ru_maxrss of the children is no use here: a child forked from a large
+# parent reports the parent's size.
+_TREE_MEMORY = """
+import os, threading
+
+
+def _descendants(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            kids = [int(k) for k in fh.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+def _pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory:
+    def __init__(self):
+        self.peak_kib = 0
+        self.peak_workers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.wait(0.2):
+            kids = _descendants(me)
+            total = _pss_kib(me) + sum(_pss_kib(k) for k in kids)
+            self.peak_kib = max(self.peak_kib, total)
+            self.peak_workers = max(self.peak_workers, len(kids))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return {"tree_pss_kib": self.peak_kib, "tree_children": self.peak_workers}
+
+
+tree_memory = TreeMemory()
+"""
+
+_CHILD = (
+    _TREE_MEMORY
+    + """
 import json, resource, sys
 from hisynseg.cli import main
 rc = main(sys.argv[1:])
-print("BENCH " + json.dumps({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print("BENCH " + json.dumps({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "children_cpu_s": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), **tree_memory.stop()}))
 """
+)
 
 
 _BARE = """
@@ -178,7 +244,9 @@ print("BENCH " + json.dumps({"tiles_per_second": iterations * batch / seconds, "
 """
 
 
-_PIPELINE = """
+_PIPELINE = (
+    _TREE_MEMORY
+    + """
 import cProfile, json, pstats, resource, sys
 import torch
 from torch import nn
@@ -226,20 +294,88 @@ if prof:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 rc = 0 if all(r.status == "ok" for r in results) else 1
-print("BENCH " + json.dumps({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print("BENCH " + json.dumps({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "children_cpu_s": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), **tree_memory.stop()}))
 """
+)
 
 
-def _child(code: str, *argv: str) -> tuple[dict, str]:
-    """Run ``code`` in a fresh interpreter; its ``BENCH {json}`` line and its output."""
+# Frames of the tile loop and the tile loaders: GIL-held samples in any of them count.
+_LOOP_FRAMES = ("predict_slide", "TileLoader", "load_batch")
+_GIL_RATE = 250
+
+
+def _child(code: str, *argv: str, gil_profile: Path | None = None) -> tuple[dict, str]:
+    """Run ``code`` in a fresh interpreter; its ``BENCH {json}`` line and its output.
+
+    With ``gil_profile``, the interpreter runs under ``py-spy record --gil``, which
+    samples only the threads that hold the GIL, into that file.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, "-c", code, *argv]
+    if gil_profile is not None:
+        spy = ["py-spy", "record", "--gil", "-r", str(_GIL_RATE), "-f", "raw"]
+        command = [*spy, "-o", str(gil_profile), "--", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if proc.returncode or line is None:
         sys.exit(f"benchmark child failed:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(line[6:]), proc.stdout + proc.stderr
+
+
+def _gil_seconds(profile: Path) -> float:
+    """Seconds the tile loop (and its loader threads) held the GIL, from py-spy's samples."""
+    samples = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if any(frame in stack for frame in _LOOP_FRAMES):
+            samples += int(count)
+    return samples / _GIL_RATE
+
+
+def _print_gil(args: argparse.Namespace, profile: Path, tiles: int, loop_seconds: float) -> None:
+    held = _gil_seconds(profile)
+    ceiling = tiles / held if held > 0 else float("inf")
+    print(
+        f"GIL (py-spy, main process): the tile loop held it {held:.2f} s of "
+        f"{loop_seconds:.1f} s = {1e3 * held / max(tiles, 1):.2f} ms per tile; ceiling "
+        f"{ceiling:.0f} tiles/s on any number of cores (tile loader {args.tile_loader})"
+    )
+
+
+def _print_memory(child: dict, record: dict) -> None:
+    rss = child["maxrss_kib"] / 2**20
+    print(
+        f"peak RSS of the predict process: {rss:.2f} GiB "
+        f"(target <= 2 GiB: {'met' if rss <= 2 else 'NOT met'})"
+    )
+    tree = child["tree_pss_kib"] / 2**20
+    if child["tree_children"]:
+        print(
+            f"peak memory of the process tree (PSS, sampled every 0.2 s): {tree:.2f} GiB, the "
+            f"predict process and up to {child['tree_children']} child processes (tile "
+            f"readers, multiprocessing's resource tracker; target <= 2 GiB: "
+            f"{'met' if tree <= 2 else 'NOT met'})"
+        )
+
+
+def _print_reader_cost(child: dict, record: dict) -> None:
+    """CPU time the reader processes spent per tile, and the tiles/s that many cores give."""
+    if record.get("tile_loader") != "processes" or not record["tiles_predicted"]:
+        return
+    per_tile = child["children_cpu_s"] / record["tiles_predicted"]
+    readers = record["workers"]
+    print(
+        f"tile reader processes: {1e3 * per_tile:.2f} ms of CPU per tile (reading, decoding, "
+        f"tissue masks), so {readers} readers on free cores would supply "
+        f"{readers / per_tile:.0f} tiles/s"
+    )
+
+
+def _check_py_spy() -> None:
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        sys.exit("--gil needs py-spy: pip install py-spy")
 
 
 def main() -> None:
@@ -261,6 +397,19 @@ def main() -> None:
         help="predict with a pointwise 1×1-conv network: the pipeline's own tiles/s",
     )
     ap.add_argument("--profile", action="store_true", help="with --pipeline-only: cProfile")
+    ap.add_argument(
+        "--tile-loader",
+        choices=("auto", "threads", "processes"),
+        default="auto",
+        help="what reads the tiles: hisynseg predict --tile-loader (auto)",
+    )
+    ap.add_argument("--workers", type=int, help="tile readers (default: predict's default)")
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample the predict process with py-spy --gil: the seconds per tile its tile "
+        "loop holds the GIL, and the tiles/s that allows however many cores there are",
+    )
     ap.add_argument(
         "--null-backend",
         action="store_true",
@@ -287,6 +436,8 @@ def main() -> None:
             f"generated {slide.name}: {args.size}×{args.size} px, {levels} levels, "
             f"{slide.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f} s"
         )
+    if args.gil:
+        _check_py_spy()
     if args.pipeline_only:
         _pipeline_only(args, slide, work / "out-pipeline")
         if tmp is not None:
@@ -302,12 +453,16 @@ def main() -> None:
     cmd = ["predict", str(ckpt), str(slide), "--out", str(out)]
     cmd += ["--tile", str(TILE), "--overlap", str(args.overlap), "--batch-size", str(args.batch)]
     cmd += ["--device", args.device, "--overwrite", "--no-progress"]
+    cmd += ["--tile-loader", args.tile_loader]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
     if args.target_mpp:
         cmd += ["--target-mpp", str(args.target_mpp)]
     if args.max_tiles:
         cmd += ["--max-tiles", str(args.max_tiles)]
     start = time.perf_counter()
-    child, output = _child(_CHILD, *cmd)
+    gil_profile = work / "gil.txt" if args.gil else None
+    child, output = _child(_CHILD, *cmd, gil_profile=gil_profile)
     wall = time.perf_counter() - start
     if child["rc"] != 0:
         sys.exit(f"prediction failed:\n{output}")
@@ -318,7 +473,6 @@ def main() -> None:
         _BARE, args.encoder, str(args.batch), str(TILE), str(args.bare_iterations), args.device
     )
     bare = bare_run["tiles_per_second"]
-    rss_gib = child["maxrss_kib"] / 2**20
 
     print(
         f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
@@ -334,7 +488,8 @@ def main() -> None:
     limited = " (limited by --max-tiles)" if args.max_tiles else ""
     print(
         f"tiles: {record['tiles_total']} in the grid, {record['tiles_with_tissue']} with tissue, "
-        f"{record['tiles_predicted']} predicted{limited}"
+        f"{record['tiles_predicted']} predicted{limited}; read by {record['workers']} "
+        f"{record['tile_loader']}"
     )
     print(
         f"predict: tile loop {record['seconds']:.1f} s = {loop_rate:.3f} tiles/s "
@@ -350,10 +505,10 @@ def main() -> None:
     print(
         f"throughput / bare forward: {ratio:.2f} (target >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'})"
     )
-    print(
-        f"peak RSS of the predict process: {rss_gib:.2f} GiB "
-        f"(target <= 2 GiB: {'met' if rss_gib <= 2 else 'NOT met'})"
-    )
+    _print_memory(child, record)
+    _print_reader_cost(child, record)
+    if gil_profile is not None:
+        _print_gil(args, gil_profile, record["tiles_predicted"], record["seconds"])
     if tmp is not None:
         tmp.cleanup()
 
@@ -368,8 +523,11 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
         "max_tiles": args.max_tiles,
         "overwrite": True,
         "progress": False,
+        "tile_loader": args.tile_loader,
+        "workers": args.workers,
     }
     start = time.perf_counter()
+    gil_profile = out.parent / "gil-pipeline.txt" if args.gil else None
     child, output = _child(
         _PIPELINE,
         str(slide),
@@ -378,6 +536,7 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
         json.dumps(options),
         "1" if args.profile else "",
         "1" if args.null_backend else "",
+        gil_profile=gil_profile,
     )
     wall = time.perf_counter() - start
     if child["rc"] != 0:
@@ -398,7 +557,8 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
     )
     print(
         f"tiles: {record['tiles_total']} in the grid, {record['tiles_with_tissue']} with tissue, "
-        f"{record['tiles_predicted']} predicted"
+        f"{record['tiles_predicted']} predicted; read by {record['workers']} "
+        f"{record['tile_loader']}"
     )
     print(
         f"pipeline: tile loop {record['seconds']:.1f} s = {record['tiles_per_second']:.3f} "
@@ -407,7 +567,10 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
     )
     for key, value in record.get("write_breakdown", {}).items():
         print(f"  outputs: {key} {value:.1f} s")
-    print(f"peak RSS of the predict process: {child['maxrss_kib'] / 2**20:.2f} GiB")
+    _print_memory(child, record)
+    _print_reader_cost(child, record)
+    if gil_profile is not None:
+        _print_gil(args, gil_profile, record["tiles_predicted"], record["seconds"])
 
 
 if __name__ == "__main__":
