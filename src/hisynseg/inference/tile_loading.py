@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -228,6 +229,9 @@ def _start_worker(
     geometry: TileGeometry,
     tissue_threshold: float | None,
 ) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers itself (after
+    # their current batch), so they must not die mid-batch with a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker decodes on its own core: more threads per worker would oversubscribe.
     cv2.setNumThreads(1)
     memory = shared_memory.SharedMemory(name=memory_name)
