@@ -531,3 +531,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Captur
     assert code == 2
     err = capsys.readouterr().err
     assert "trainer.epoch" in err and "epochs" in err
+
+
+def test_lightning_messages_print_once_under_the_cli_logging() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO, format='ROOT %(message)s')\n"
+        "import lightning.pytorch\n"
+        "from hisynseg.training.run import route_lightning_logs_to_root\n"
+        "route_lightning_logs_to_root()\n"
+        "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('GPU available: no')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr.count("GPU available: no") == 1
+    assert "ROOT GPU available: no" in proc.stderr

@@ -196,6 +196,23 @@ def _check_resume(path: Path, spec: DatasetSpec, model_config: dict[str, Any]) -
         )
 
 
+def route_lightning_logs_to_root() -> None:
+    """Let the application's logging print Lightning's messages, once.
+
+    Lightning gives its ``lightning`` logger a stderr handler of its own at import and
+    still passes the records up to the root logger, so under a configured root logger (the
+    CLI's) every Lightning line printed twice. With a root handler present, Lightning's own
+    stream handlers are removed; without one (a library user who configured nothing) they
+    stay, so the messages are still seen.
+    """
+    if not logging.getLogger().handlers:
+        return
+    logger = logging.getLogger("lightning")
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+
+
 def train(cfg: Config) -> TrainResult:
     """Train one stage as configured; see the module docstring for the run directory.
 
@@ -214,6 +231,7 @@ def train(cfg: Config) -> TrainResult:
     from hisynseg.training.data import HisynSegDataModule
     from hisynseg.training.module import HisynSegModule
 
+    route_lightning_logs_to_root()
     validate_config(cfg)
     spec = resolve_spec(cfg)
     out = Path(cfg.out)
