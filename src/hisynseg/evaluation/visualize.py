@@ -69,12 +69,19 @@ def overlay_mask(
         raise ValueError(f"image {image.shape[:2]} and mask {np.shape(mask)} differ in size")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    colours = colorize_mask(mask, palette).astype(np.float32)
-    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    if skip_index is not None:
-        keep = np.asarray(mask) == skip_index
-        blend[keep] = image[keep]
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    mask = np.asarray(mask)
+    out = np.empty(image.shape, np.uint8)
+    # In bands of rows: float copies of a whole slide thumbnail would take ~16 bytes per
+    # pixel and channel at once.
+    for top in range(0, image.shape[0], 256):
+        rows = slice(top, top + 256)
+        colours = colorize_mask(mask[rows], palette).astype(np.float32)
+        blend = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours
+        if skip_index is not None:
+            keep = mask[rows] == skip_index
+            blend[keep] = image[rows][keep]
+        out[rows] = np.clip(np.rint(blend), 0, 255)
+    return out
 
 
 def comparison_panel(
