@@ -183,6 +183,7 @@ def test_auto_chooses_processes_only_where_they_pay(tmp_path: Path) -> None:
     _write_slide(tmp_path / "s.tif", _stained(128, 128))
     with TiffSlideReader(tmp_path / "s.tif") as slide:
         assert choose_loader("auto", slide, workers=8, num_tiles=1000) == "processes"
+        assert choose_loader("auto", slide, 8, 1000, accelerated=False) == "threads"
         assert choose_loader("auto", slide, workers=2, num_tiles=1000) == "threads"
         assert choose_loader("auto", slide, workers=8, num_tiles=20) == "threads"
         assert choose_loader("threads", slide, workers=8, num_tiles=1000) == "threads"
@@ -236,3 +237,29 @@ def test_cli_records_the_tile_loader(tmp_path: Path) -> None:
         else:
             assert rc == 0
     np.testing.assert_array_equal(masks["processes"], masks["threads"])
+
+
+def test_auto_reads_with_processes_only_for_an_accelerated_backend(tmp_path: Path) -> None:
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    _write_slide(tmp_path / "s.tif", _stained(256, 320))
+
+    class Uniform:
+        def __init__(self, device: str) -> None:
+            self.device = device
+
+        def __call__(self, tiles: np.ndarray) -> np.ndarray:
+            return np.full((len(tiles), 4, 16, 16), 0.25, np.float32)
+
+    chosen = {}
+    for device in ("cpu", "cuda:0"):
+        with open_slide(tmp_path / "s.tif") as reader:
+            plan = plan_tiles(reader, tile=16, overlap=0)
+            assert plan.num_tiles == 320  # enough tiles for processes to pay
+            mask = DiskCanvas.create(tmp_path / f"{device}.raw", plan.output_size[::-1], np.uint8)
+            stats = predict_slide(
+                reader, Uniform(device), plan, 4, 5, mask, batch_size=32, workers=4
+            )
+        chosen[device] = stats.tile_loader
+    assert chosen == {"cpu": "threads", "cuda:0": "processes"}

@@ -139,8 +139,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=("auto", "threads", "processes"),
         default="auto",
         help="read tiles in threads, or in worker processes free of the GIL (what a fast "
-        "GPU needs); auto: processes for TIFF and OpenSlide inputs of 256 tiles or more "
-        "with 4+ workers, threads otherwise (default: auto)",
+        "GPU needs); auto: processes on a GPU for TIFF and OpenSlide inputs of 256 tiles "
+        "or more with 4+ workers, threads otherwise (default: auto)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)

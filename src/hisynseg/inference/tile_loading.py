@@ -53,10 +53,12 @@ __all__ = [
 ]
 
 LOADER_KINDS = ("auto", "threads", "processes")
-# "auto" starts processes only for inputs with at least this many tiles (below it, the
-# workers' start-up, about a second, costs more than the GIL does) and with at least this
-# many workers: with fewer cores the GIL is not what limits, and threads sharing one
-# decoded-tile cache decode less (each process caches only the tiles it read itself).
+# "auto" starts processes only where the GIL is what limits: the network runs on an
+# accelerator (on a CPU the network takes far longer per tile than the host's Python
+# work), there are at least this many tiles (below it, the workers' start-up, about a
+# second, costs more than it saves) and at least this many readers (with fewer cores,
+# threads sharing one decoded-tile cache decode less: each process caches only the tiles
+# it read itself).
 MIN_TILES_FOR_PROCESSES = 256
 MIN_WORKERS_FOR_PROCESSES = 4
 
@@ -402,13 +404,14 @@ def choose_loader(
     reader: SlideReader,
     workers: int,
     num_tiles: int,
+    accelerated: bool = True,
 ) -> str:
     """``"threads"`` or ``"processes"`` for reading ``num_tiles`` tiles of ``reader``.
 
-    ``auto`` picks processes when the reader can be reopened in a worker (its
-    ``reopener()`` gives a factory), there are at least
-    :data:`MIN_WORKERS_FOR_PROCESSES` workers and :data:`MIN_TILES_FOR_PROCESSES` tiles;
-    threads otherwise.
+    ``auto`` picks processes when the network runs on an accelerator (``accelerated``),
+    the reader can be reopened in a worker (its ``reopener()`` gives a factory), and there
+    are at least :data:`MIN_WORKERS_FOR_PROCESSES` workers and
+    :data:`MIN_TILES_FOR_PROCESSES` tiles; threads otherwise.
 
     Raises:
         HisynsegError: ``processes`` asked for a reader that cannot be reopened.
@@ -425,7 +428,8 @@ def choose_loader(
         )
     if kind == "auto":
         use = (
-            reopenable
+            accelerated
+            and reopenable
             and workers >= MIN_WORKERS_FOR_PROCESSES
             and num_tiles >= MIN_TILES_FOR_PROCESSES
         )

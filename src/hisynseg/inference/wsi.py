@@ -355,10 +355,11 @@ def open_tile_loader(
     workers: int,
     batch_size: int,
     num_tiles: int,
+    accelerated: bool,
 ) -> TileLoader:
     """The tile loader :func:`predict_slide` reads with (see :func:`choose_loader`)."""
     threshold = None if tissue is None else tissue.threshold
-    if choose_loader(kind, reader, workers, num_tiles) == "processes":
+    if choose_loader(kind, reader, workers, num_tiles, accelerated) == "processes":
         factory = reader_factory(reader)
         assert factory is not None  # choose_loader checked
         return ProcessTileLoader(
@@ -409,7 +410,8 @@ def predict_slide(
             ``workers + 1`` batches are read ahead.
         tile_loader: ``threads``, ``processes`` (spawned workers reading into shared
             memory, free of this process's GIL) or ``auto`` (processes for large slides
-            whose reader can be reopened; :func:`~hisynseg.inference.tile_loading.
+            whose reader can be reopened, with a backend on an accelerator: one whose
+            ``device`` is not the CPU; :func:`~hisynseg.inference.tile_loading.
             choose_loader`).
 
     Returns:
@@ -495,7 +497,11 @@ def predict_slide(
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
     bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
-    loader = open_tile_loader(tile_loader, reader, plan, tissue, workers, batch_size, len(tiles))
+    # A backend says where it runs (Backend.device); a bare function runs on the CPU.
+    accelerated = not str(getattr(predict, "device", "cpu")).startswith("cpu")
+    loader = open_tile_loader(
+        tile_loader, reader, plan, tissue, workers, batch_size, len(tiles), accelerated
+    )
     try:
         # The loader keeps batches read ahead (its depth counts those and the two batches
         # held here). The network runs in this thread (its large allocations stay in one
