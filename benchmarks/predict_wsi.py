@@ -7,8 +7,9 @@
 2. Runs ``hisynseg predict`` on it in a child process (so the parent's memory does not mix
    in) with a small CPU model (random weights), and reads the child's peak RSS
    (``ru_maxrss``) and the tile loop's tiles per second (from ``predict.json``).
-3. In the same run, times the model's bare batched forward pass on random tensors of the
-   same batch and tile size: the ceiling the prediction loop is held against.
+3. In the same run, just before and just after the prediction, times the model's bare
+   batched forward pass on random tensors of the same batch and tile size: the ceiling
+   the prediction loop is held against (the mean of the two).
 
 Targets: peak RSS <= 2 GiB; tiles/s >= 80 % of the bare forward. With tile reader
 processes (``--tile-loader processes``, or ``auto`` with 4+ readers) the script also prints
@@ -460,6 +461,10 @@ def main() -> None:
         cmd += ["--target-mpp", str(args.target_mpp)]
     if args.max_tiles:
         cmd += ["--max-tiles", str(args.max_tiles)]
+    bare_args = (args.encoder, str(args.batch), str(TILE), str(args.bare_iterations), args.device)
+    # The bare forward is timed just before and just after the prediction and averaged, so
+    # that a change of load on a shared machine weighs on both sides of the ratio alike.
+    bare_before, _ = _child(_BARE, *bare_args)
     start = time.perf_counter()
     gil_profile = work / "gil.txt" if args.gil else None
     child, output = _child(_CHILD, *cmd, gil_profile=gil_profile)
@@ -469,10 +474,10 @@ def main() -> None:
     record = json.loads((out / "predict.json").read_text())["inputs"][0]["details"]
     plan = record["plan"]
     loop_rate = record["tiles_per_second"]
-    bare_run, _ = _child(
-        _BARE, args.encoder, str(args.batch), str(TILE), str(args.bare_iterations), args.device
-    )
-    bare = bare_run["tiles_per_second"]
+    bare_after, _ = _child(_BARE, *bare_args)
+    bare_rates = (bare_before["tiles_per_second"], bare_after["tiles_per_second"])
+    bare = sum(bare_rates) / 2
+    bare_rss = max(bare_before["maxrss_kib"], bare_after["maxrss_kib"])
 
     print(
         f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
@@ -497,9 +502,10 @@ def main() -> None:
         f"whole command {wall:.1f} s incl. start-up and tissue detection"
     )
     print(
-        f"bare forward: {bare:.3f} tiles/s ({args.bare_iterations} batches of "
+        f"bare forward: {bare:.3f} tiles/s, the mean of {bare_rates[0]:.3f} before and "
+        f"{bare_rates[1]:.3f} after the prediction ({args.bare_iterations} batches of "
         f"{args.batch}, random tensors); its own process peaks at "
-        f"{bare_run['maxrss_kib'] / 2**20:.2f} GiB RSS"
+        f"{bare_rss / 2**20:.2f} GiB RSS"
     )
     ratio = loop_rate / bare
     print(
