@@ -263,3 +263,32 @@ def test_auto_reads_with_processes_only_for_an_accelerated_backend(tmp_path: Pat
             )
         chosen[device] = stats.tile_loader
     assert chosen == {"cpu": "threads", "cuda:0": "processes"}
+
+
+def test_short_shared_memory_is_an_error_or_a_fallback_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hisynseg.inference.tile_loading as tile_loading
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    # A default Docker container has 64 MiB of /dev/shm; workers writing past it would die
+    # of SIGBUS mid-slide, so the shortage must show before any worker starts.
+    monkeypatch.setattr(tile_loading, "shared_memory_free_bytes", lambda: 2**16)
+    _write_slide(tmp_path / "s.tif", _stained(256, 320))
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        return np.full((len(tiles), 4, 16, 16), 0.25, np.float32)
+
+    backend.device = "cuda"  # type: ignore[attr-defined]
+    with open_slide(tmp_path / "s.tif") as reader:
+        plan = plan_tiles(reader, tile=16, overlap=0)
+        mask = DiskCanvas.create(tmp_path / "m.raw", plan.output_size[::-1], np.uint8)
+        with pytest.raises(tile_loading.SharedMemoryTooSmallError, match="s.tif.*--shm-size"):
+            predict_slide(
+                reader, backend, plan, 4, 5, mask, batch_size=64, workers=4, tile_loader="processes"
+            )
+        with caplog.at_level("WARNING"):
+            stats = predict_slide(reader, backend, plan, 4, 5, mask, batch_size=64, workers=4)
+    assert stats.tile_loader == "threads" and stats.tiles_predicted == 320
+    assert "reading with threads instead" in caplog.text

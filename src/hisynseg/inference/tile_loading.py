@@ -42,6 +42,7 @@ __all__ = [
     "LOADER_KINDS",
     "LoadedBatch",
     "ProcessTileLoader",
+    "SharedMemoryTooSmallError",
     "ThreadTileLoader",
     "TileGeometry",
     "TileLoader",
@@ -50,6 +51,7 @@ __all__ = [
     "pool_mask",
     "read_tile",
     "reader_factory",
+    "shared_memory_free_bytes",
 ]
 
 LOADER_KINDS = ("auto", "threads", "processes")
@@ -275,6 +277,23 @@ def _memory_bytes(slot_shapes: tuple[tuple[int, ...], tuple[int, ...]], slots: i
     return slots * (math.prod(image_shape) + 4 * math.prod(share_shape))
 
 
+SHM_PATH = "/dev/shm"
+
+
+class SharedMemoryTooSmallError(HisynsegError):
+    """Not enough free shared memory for the batch slots of :class:`ProcessTileLoader`."""
+
+
+def shared_memory_free_bytes() -> int | None:
+    """Free bytes of the file system behind shared memory, or ``None`` where there is no
+    :data:`SHM_PATH` (shared memory then lives elsewhere, e.g. on macOS)."""
+    try:
+        stat = os.statvfs(SHM_PATH)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 class ProcessTileLoader:
     """Reads batches in ``workers`` spawned processes into shared memory.
 
@@ -288,6 +307,7 @@ class ProcessTileLoader:
         batch_size: Largest batch that will be submitted.
 
     Raises:
+        SharedMemoryTooSmallError: The batch slots do not fit in the free shared memory.
         HisynsegError: A worker cannot open the slide, or dies.
     """
 
@@ -309,9 +329,19 @@ class ProcessTileLoader:
         # Pending reads plus the batch the network holds plus the one being blended.
         self.depth = workers + 2
         shapes = ((batch_size, t, t, 3), (batch_size, t // d, t // d))
-        self._memory = shared_memory.SharedMemory(
-            create=True, size=_memory_bytes(shapes, self.depth)
-        )
+        size = _memory_bytes(shapes, self.depth)
+        free = shared_memory_free_bytes()
+        if free is not None and size > free:
+            # The block is created sparse: a short /dev/shm (64 MiB in a default Docker
+            # container) would only show when a worker's write kills it with SIGBUS.
+            raise SharedMemoryTooSmallError(
+                f"{self.path}: tile reader processes need {size / 2**20:.0f} MiB of shared "
+                f"memory for {self.depth} batch slots, but {SHM_PATH} has "
+                f"{free / 2**20:.0f} MiB free; use fewer --workers or a smaller "
+                "--batch-size, enlarge /dev/shm (docker run --shm-size=1g), or use "
+                "--tile-loader threads"
+            )
+        self._memory = shared_memory.SharedMemory(create=True, size=size)
         self._images, self._shares = _slot_views(self._memory, shapes, self.depth)
         self._tissue = tissue_threshold is not None
         self._free = list(range(self.depth))

@@ -33,6 +33,7 @@ stream:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -51,6 +52,7 @@ from hisynseg.inference.tile_loading import (
     LOADER_KINDS,
     LoadedBatch,
     ProcessTileLoader,
+    SharedMemoryTooSmallError,
     ThreadTileLoader,
     TileGeometry,
     TileLoader,
@@ -72,6 +74,8 @@ __all__ = [
     "predict_slide",
     "read_tile",
 ]
+
+log = logging.getLogger(__name__)
 
 BLEND_MODES = ("gaussian", "cosine", "constant")
 # Weights never reach zero, so that pixels covered by one tile's rim only still count.
@@ -362,9 +366,14 @@ def open_tile_loader(
     if choose_loader(kind, reader, workers, num_tiles, accelerated) == "processes":
         factory = reader_factory(reader)
         assert factory is not None  # choose_loader checked
-        return ProcessTileLoader(
-            factory, reader.path, plan.geometry, threshold, workers, batch_size
-        )
+        try:
+            return ProcessTileLoader(
+                factory, reader.path, plan.geometry, threshold, workers, batch_size
+            )
+        except SharedMemoryTooSmallError as exc:
+            if kind != "auto":
+                raise
+            log.warning("%s; reading with threads instead", exc)
     return ThreadTileLoader(reader, plan.geometry, threshold, workers)
 
 
@@ -496,12 +505,12 @@ def predict_slide(
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
-    bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
     # A backend says where it runs (Backend.device); a bare function runs on the CPU.
     accelerated = not str(getattr(predict, "device", "cpu")).startswith("cpu")
     loader = open_tile_loader(
         tile_loader, reader, plan, tissue, workers, batch_size, len(tiles), accelerated
     )
+    bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
     try:
         # The loader keeps batches read ahead (its depth counts those and the two batches
         # held here). The network runs in this thread (its large allocations stay in one
