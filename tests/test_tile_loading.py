@@ -97,6 +97,8 @@ def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: floa
                 tile_loader=loader,
             )
         assert stats.tile_loader == loader and stats.workers == 2
+        assert 0 < stats.warmup_seconds < stats.seconds
+        assert stats.steady_tiles_per_second > stats.tiles_predicted / stats.seconds
         assert 4 < stats.tiles_predicted < plan.num_tiles  # glass tiles skipped
         results.append((mask.read_all(), probs.read_all(), stats.counts))
     (m1, p1, c1), (m2, p2, c2) = results

@@ -323,6 +323,9 @@ class SlidePrediction:
         predict_seconds: Time spent in the backend.
         tile_loader: ``"threads"`` or ``"processes"``: how tiles were read.
         workers: Reader threads or processes.
+        warmup_seconds: From the start until the first batch was read (the tissue test,
+            starting the readers, reading the first batch): what a whole slide costs
+            before its tiles flow.
     """
 
     counts: np.ndarray
@@ -334,6 +337,13 @@ class SlidePrediction:
     predict_seconds: float
     tile_loader: str = "threads"
     workers: int = 1
+    warmup_seconds: float = 0.0
+
+    @property
+    def steady_tiles_per_second(self) -> float | None:
+        """Tiles per second once the first batch was read (the pipeline's own pace)."""
+        flowing = self.seconds - self.warmup_seconds
+        return self.tiles_predicted / flowing if flowing > 0 and self.tiles_predicted else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -348,6 +358,10 @@ class SlidePrediction:
             else None,
             "tile_loader": self.tile_loader,
             "workers": self.workers,
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "steady_tiles_per_second": None
+            if self.steady_tiles_per_second is None
+            else round(self.steady_tiles_per_second, 3),
         }
 
 
@@ -505,6 +519,7 @@ def predict_slide(
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
+    warmup: float | None = None
     # A backend says where it runs (Backend.device); a bare function runs on the CPU.
     accelerated = not str(getattr(predict, "device", "cpu")).startswith("cpu")
     loader = open_tile_loader(
@@ -532,6 +547,8 @@ def predict_slide(
             read_ahead()
             for batch in batches:
                 loaded = reads.popleft().result()
+                if warmup is None:
+                    warmup = time.perf_counter() - start
                 read_ahead()
                 probs, seconds = run(loaded.images)
                 predict_seconds += seconds
@@ -554,6 +571,7 @@ def predict_slide(
         tiles_predicted=len(tiles),
         tissue_threshold=None if tissue is None else tissue.threshold,
         seconds=time.perf_counter() - start,
+        warmup_seconds=warmup or 0.0,
         predict_seconds=predict_seconds,
         tile_loader=loader.kind,
         workers=workers,
