@@ -430,3 +430,17 @@ def test_geojson_equals_the_ccomp_outline_and_streams_the_same_file(tmp_path: Pa
     assert json.loads((tmp_path / "b.geojson").read_text())["features"][0]["geometry"]["type"] == (
         "Polygon"
     )
+
+
+def test_backend_says_whether_its_network_runs_on_an_accelerator() -> None:
+    net = _ConvNet(kernel=1, layers=1)
+    assert not Backend(net, 4).accelerated
+
+    class GpuOnnxLike(nn.Module):  # what OnnxNetwork says when onnxruntime runs it on CUDA
+        input_divisor = 1
+        uses_gpu = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return net(x)
+
+    assert Backend(GpuOnnxLike(), 4, name="onnxruntime").accelerated

@@ -63,6 +63,11 @@ class Backend:
         self.device = str(device)
         self.tta = None if tta == "none" else tta
         self.name = name
+        # Where the network runs, which decides how tiles are best read (an ONNX network
+        # on onnxruntime's CUDA provider is fed from the CPU but runs on the GPU).
+        self.accelerated = not self.device.startswith("cpu") or bool(
+            getattr(network, "uses_gpu", False)
+        )
         self._score = score_function(network, self.tta)
         self._pinned: torch.Tensor | None = None
 
@@ -119,6 +124,7 @@ class OnnxNetwork:
         meta: The description stored in the file (``model``, ``dataset``,
             ``input_divisor``, ...); empty for a foreign ONNX file.
         input_divisor: Sides the graph accepts must be multiples of this.
+        uses_gpu: Whether onnxruntime runs it with its CUDA provider.
 
     Raises:
         HisynsegError: onnxruntime missing, or the file cannot be loaded.
@@ -147,6 +153,7 @@ class OnnxNetwork:
             )
         self.input_divisor = int(self.meta.get("input_divisor", 16))
         self.input_name = self.session.get_inputs()[0].name
+        self.uses_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B×C×H×W`` of a normalised batch."""

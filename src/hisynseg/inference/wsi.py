@@ -434,8 +434,8 @@ def predict_slide(
         tile_loader: ``threads``, ``processes`` (spawned workers reading into shared
             memory, free of this process's GIL) or ``auto`` (processes for large slides
             whose reader can be reopened, with a backend on an accelerator: one whose
-            ``device`` is not the CPU; :func:`~hisynseg.inference.tile_loading.
-            choose_loader`).
+            ``accelerated`` is true, or whose ``device`` is not the CPU;
+            :func:`~hisynseg.inference.tile_loading.choose_loader`).
 
     Returns:
         Counts per class and tile statistics.
@@ -520,8 +520,10 @@ def predict_slide(
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
     warmup: float | None = None
-    # A backend says where it runs (Backend.device); a bare function runs on the CPU.
-    accelerated = not str(getattr(predict, "device", "cpu")).startswith("cpu")
+    # A backend says whether its network runs on an accelerator (Backend.accelerated, or
+    # its device); a bare function runs on the CPU.
+    device = str(getattr(predict, "device", "cpu"))
+    accelerated = bool(getattr(predict, "accelerated", not device.startswith("cpu")))
     loader = open_tile_loader(
         tile_loader, reader, plan, tissue, workers, batch_size, len(tiles), accelerated
     )
