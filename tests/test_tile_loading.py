@@ -294,3 +294,80 @@ def test_short_shared_memory_is_an_error_or_a_fallback_to_threads(
             stats = predict_slide(reader, backend, plan, 4, 5, mask, batch_size=64, workers=4)
     assert stats.tile_loader == "threads" and stats.tiles_predicted == 320
     assert "reading with threads instead" in caplog.text
+
+
+def test_one_reader_pool_serves_slide_after_slide_and_survives_a_dead_worker(
+    tmp_path: Path,
+) -> None:
+    import multiprocessing
+
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.tile_loading import ReaderPool
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        return np.concatenate([x, 1 - x.mean(1, keepdims=True)], axis=1) / 2
+
+    def predict(path: Path, loader: str, pool: ReaderPool | None = None) -> np.ndarray:
+        with open_slide(path) as reader:
+            plan = plan_tiles(reader, tile=32, overlap=8)
+            mask = DiskCanvas.create(tmp_path / "m.raw", plan.output_size[::-1], np.uint8)
+            stats = predict_slide(
+                reader,
+                backend,
+                plan,
+                4,
+                5,
+                mask,
+                batch_size=4,
+                workers=2,
+                tile_loader=loader,
+                reader_pool=pool,
+            )
+        assert stats.tile_loader == loader
+        return mask.read_all()
+
+    slides = []
+    for seed in (3, 4):
+        slides.append(tmp_path / f"s{seed}.tif")
+        _write_slide(slides[-1], _stained(96, 128, seed=seed))
+    geometry = TileGeometry(level=0, level_scale=1.0, tile=32, output_downsample=1)
+    with ReaderPool(2).start() as pool:
+        for path in slides:
+            np.testing.assert_array_equal(
+                predict(path, "processes", pool), predict(path, "threads")
+            )
+        doomed = ProcessTileLoader(_die, tmp_path / "x.tif", geometry, None, pool, batch_size=1)
+        with pytest.raises(HisynsegError, match="died"):
+            doomed.submit([(0, 0)]).result(timeout=60)
+        doomed.close()
+        # New processes for the next slide.
+        np.testing.assert_array_equal(
+            predict(slides[0], "processes", pool), predict(slides[0], "threads")
+        )
+    assert not multiprocessing.active_children()
+
+
+def test_a_run_starts_reader_processes_only_where_they_will_be_used(tmp_path: Path) -> None:
+    from hisynseg.inference.predict import PredictOptions, start_reader_pool
+
+    class Backend:
+        def __init__(self, accelerated: bool) -> None:
+            self.accelerated = accelerated
+
+    slide, picture = [tmp_path / "a.svs"], [tmp_path / "a.png"]
+    for inputs, backend, loader, workers, started in [
+        (slide, Backend(True), "auto", 4, True),
+        (slide, Backend(True), "auto", 2, False),  # too few readers to pay
+        (slide, Backend(False), "auto", 8, False),  # the network sets the pace
+        (slide, Backend(True), "threads", 8, False),
+        (slide, Backend(False), "processes", 2, True),
+        (picture, Backend(True), "processes", 8, False),  # pictures are read by threads
+    ]:
+        options = PredictOptions(tile_loader=loader, workers=workers)
+        pool = start_reader_pool(inputs, backend, options)
+        assert (pool is not None) == started, (inputs, loader, workers)
+        if pool is not None:
+            assert pool.workers == workers
+            pool.close()

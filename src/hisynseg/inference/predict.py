@@ -46,11 +46,18 @@ from hisynseg.inference.outputs import (
     write_mask_geojson,
     write_mask_tiff,
 )
-from hisynseg.inference.tile_loading import LOADER_KINDS
+from hisynseg.inference.tile_loading import LOADER_KINDS, MIN_WORKERS_FOR_PROCESSES, ReaderPool
 from hisynseg.inference.tissue import TissueDetector
-from hisynseg.inference.wsi import BLEND_MODES, PredictionError, plan_tiles, predict_slide
+from hisynseg.inference.wsi import (
+    BLEND_MODES,
+    PredictionError,
+    default_workers,
+    plan_tiles,
+    predict_slide,
+    runs_on_accelerator,
+)
 from hisynseg.slides.base import read_thumbnail
-from hisynseg.slides.open import IMAGE_SUFFIXES, open_slide
+from hisynseg.slides.open import IMAGE_SUFFIXES, SLIDE_SUFFIXES, open_slide
 
 __all__ = [
     "InputResult",
@@ -235,6 +242,7 @@ def predict_file(
     out_dir: str | os.PathLike[str],
     options: PredictOptions,
     name: str | None = None,
+    reader_pool: ReaderPool | None = None,
 ) -> dict[str, Any]:
     """Predict one image or slide and write its outputs.
 
@@ -246,6 +254,8 @@ def predict_file(
         out_dir: Output folder.
         options: Settings.
         name: Output base name (default: the file's stem).
+        reader_pool: Tile reader processes kept for the whole run (when the slide is
+            read with processes).
 
     Returns:
         Details: the tile plan, tile counts, timings, output paths.
@@ -298,6 +308,7 @@ def predict_file(
             description=path.name,
             workers=options.workers,
             tile_loader=options.tile_loader,
+            reader_pool=reader_pool,
         )
         t0 = time.perf_counter()
         breakdown: dict[str, float] = {}
@@ -394,8 +405,7 @@ def predict_inputs(
             },
         )
 
-    save(False)
-    for path, name in zip(paths, names, strict=True):
+    def predict_one(path: Path, name: str, reader_pool: ReaderPool | None) -> InputResult:
         expected = output_paths(path, name, out_dir, options)
         start = time.perf_counter()
         if not options.overwrite and all(p.is_file() for p in expected.values()):
@@ -406,7 +416,7 @@ def predict_inputs(
         else:
             try:
                 details = predict_file(
-                    path, predict, num_classes, labels, out_dir, options, name=name
+                    path, predict, num_classes, labels, out_dir, options, name, reader_pool
                 )
                 result = InputResult(str(path), name, "ok", details.pop("outputs"), details=details)
             except (KeyboardInterrupt, SystemExit):
@@ -420,9 +430,45 @@ def predict_inputs(
                 log.debug("%s failed:\n%s", path, traceback.format_exc())
                 result = InputResult(str(path), name, "failed", error=message)
         result.seconds = round(time.perf_counter() - start, 3)
-        results.append(result)
-        if report is not None:
-            report(result)
-        save(False)
+        return result
+
+    save(False)
+    # Reader processes, when they will be wanted, start now: their imports then overlap
+    # the first slide's opening and tissue detection, and they serve every slide.
+    reader_pool = start_reader_pool(paths, predict, options)
+    try:
+        for path, name in zip(paths, names, strict=True):
+            result = predict_one(path, name, reader_pool)
+            results.append(result)
+            if report is not None:
+                report(result)
+            save(False)
+    finally:
+        if reader_pool is not None:
+            reader_pool.close()
     save(True)
     return results
+
+
+def start_reader_pool(
+    paths: Sequence[Path], predict: Any, options: PredictOptions
+) -> ReaderPool | None:
+    """Tile reader processes for a run, started, or ``None`` when no input will use them.
+
+    They are started for ``tile_loader="processes"``, and for ``auto`` when the network
+    runs on an accelerator with at least
+    :data:`~hisynseg.inference.tile_loading.MIN_WORKERS_FOR_PROCESSES` readers; in both
+    cases only if some input is a TIFF or slide file (pictures are read with threads).
+    Each slide still chooses for itself (:func:`~hisynseg.inference.tile_loading.
+    choose_loader`).
+    """
+    if options.tile_loader == "threads":
+        return None
+    workers = default_workers() if options.workers is None else options.workers
+    if options.tile_loader == "auto" and (
+        not runs_on_accelerator(predict) or workers < MIN_WORKERS_FOR_PROCESSES
+    ):
+        return None
+    if not any(p.suffix.lower() in SLIDE_SUFFIXES for p in paths):
+        return None
+    return ReaderPool(workers).start()

@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,6 +43,7 @@ __all__ = [
     "LOADER_KINDS",
     "LoadedBatch",
     "ProcessTileLoader",
+    "ReaderPool",
     "SharedMemoryTooSmallError",
     "ThreadTileLoader",
     "TileGeometry",
@@ -172,6 +174,7 @@ class TileLoader(Protocol):
 
     kind: str
     depth: int
+    workers: int
 
     def submit(self, positions: Sequence[Position]) -> Future[LoadedBatch]: ...
 
@@ -220,43 +223,112 @@ class ThreadTileLoader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-# State of a worker process of ProcessTileLoader, set by _start_worker.
+# What a reader process keeps between batches: the open slide and the mapped slot block.
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(
-    reader_factory: Callable[[str], SlideReader],
-    path: str,
-    memory_name: str,
-    slot_shapes: tuple[tuple[int, ...], tuple[int, ...]],
-    slots: int,
-    geometry: TileGeometry,
-    tissue_threshold: float | None,
-) -> None:
+class _SlotJob(NamedTuple):
+    """One batch for a reader process: which slide, where to put the tiles, which tiles."""
+
+    reader_factory: Callable[[str], SlideReader]
+    path: str
+    memory_name: str
+    slot_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    slots: int
+    slot: int
+    positions: list[Position]
+    geometry: TileGeometry
+    tissue_threshold: float | None
+
+
+def _start_worker() -> None:
     # Ctrl-C reaches the whole process group: the parent stops the workers itself (after
     # their current batch), so they must not die mid-batch with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker decodes on its own core: more threads per worker would oversubscribe.
     cv2.setNumThreads(1)
-    memory = shared_memory.SharedMemory(name=memory_name)
-    images, shares = _slot_views(memory, slot_shapes, slots)
-    _worker.update(
-        reader=reader_factory(path),
-        memory=memory,
-        images=images,
-        shares=shares,
-        geometry=geometry,
-        tissue_threshold=tissue_threshold,
-    )
 
 
-def _load_into_slot(slot: int, positions: list[Position]) -> int:
+def _warm_up() -> None:
+    """Import what reading a TIFF slide needs, while the parent prepares the slide."""
+    import importlib
+
+    for module in ("hisynseg.slides.tiff", "tifffile", "imagecodecs"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def _load_into_slot(job: _SlotJob) -> int:
     w = _worker
-    shares = w["shares"][slot] if w["tissue_threshold"] is not None else None
-    load_batch(
-        w["reader"], w["geometry"], positions, w["tissue_threshold"], w["images"][slot], shares
-    )
-    return slot
+    if w.get("path") != job.path:
+        if "reader" in w:
+            w.pop("reader").close()
+        w["reader"] = job.reader_factory(job.path)
+        w["path"] = job.path
+    if w.get("memory_name") != job.memory_name:
+        if "memory" in w:
+            del w["images"], w["shares"]
+            w.pop("memory").close()
+        memory = shared_memory.SharedMemory(name=job.memory_name)
+        w["images"], w["shares"] = _slot_views(memory, job.slot_shapes, job.slots)
+        w["memory"], w["memory_name"] = memory, job.memory_name
+    threshold = job.tissue_threshold
+    shares = w["shares"][job.slot] if threshold is not None else None
+    load_batch(w["reader"], job.geometry, job.positions, threshold, w["images"][job.slot], shares)
+    return job.slot
+
+
+class ReaderPool:
+    """Spawned processes that read tiles for :class:`ProcessTileLoader`, kept for a whole
+    run: they start once (about a second of imports, overlapping whatever the caller does
+    next) and open each slide they are given.
+
+    Args:
+        workers: Processes.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"need at least one reader process, got {workers}")
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def start(self) -> ReaderPool:
+        """Start every process now (they then import their modules in the background)."""
+        executor = self._ensure()
+        for _ in range(self.workers):
+            executor.submit(_warm_up)
+        return self
+
+    def _ensure(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            # spawn, not fork: the parent may hold CUDA state and threads.
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+            )
+        return self._executor
+
+    def submit(self, job: _SlotJob) -> Future[int]:
+        return self._ensure().submit(_load_into_slot, job)
+
+    def reset(self) -> None:
+        """Drop the processes (after one died: the next use starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def close(self) -> None:
+        self.reset()
+
+    def __enter__(self) -> ReaderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _slot_views(
@@ -295,7 +367,8 @@ def shared_memory_free_bytes() -> int | None:
 
 
 class ProcessTileLoader:
-    """Reads batches in ``workers`` spawned processes into shared memory.
+    """Reads batches of one slide in the processes of a :class:`ReaderPool`, into shared
+    memory.
 
     Args:
         reader_factory: Opens the slide from its path in a worker (a picklable callable:
@@ -303,7 +376,9 @@ class ProcessTileLoader:
         path: The slide.
         geometry: Where and at what scale tiles are read.
         tissue_threshold: Saturation threshold of tissue, or ``None``.
-        workers: Processes.
+        pool: The reader processes; ``None`` starts a pool of ``workers`` processes that
+            this loader closes with itself.
+        workers: Processes of a pool of its own (without ``pool``).
         batch_size: Largest batch that will be submitted.
 
     Raises:
@@ -319,17 +394,19 @@ class ProcessTileLoader:
         path: str | os.PathLike[str],
         geometry: TileGeometry,
         tissue_threshold: float | None,
-        workers: int,
+        pool: ReaderPool | None = None,
+        *,
+        workers: int = 1,
         batch_size: int,
     ) -> None:
         t, d = geometry.tile, geometry.output_downsample
         self.path = str(path)
-        self.workers = workers
+        self.workers = pool.workers if pool is not None else workers
         self.batch_size = batch_size
         # Pending reads plus the batch the network holds plus the one being blended.
-        self.depth = workers + 2
-        shapes = ((batch_size, t, t, 3), (batch_size, t // d, t // d))
-        size = _memory_bytes(shapes, self.depth)
+        self.depth = self.workers + 2
+        self._shapes = ((batch_size, t, t, 3), (batch_size, t // d, t // d))
+        size = _memory_bytes(self._shapes, self.depth)
         free = shared_memory_free_bytes()
         if free is not None and size > free:
             # The block is created sparse: a short /dev/shm (64 MiB in a default Docker
@@ -341,29 +418,17 @@ class ProcessTileLoader:
                 "--batch-size, enlarge /dev/shm (docker run --shm-size=1g), or use "
                 "--tile-loader threads"
             )
+        self._factory = reader_factory
+        self._geometry = geometry
+        self._threshold = tissue_threshold
+        self._own_pool = pool is None
+        self._pool = ReaderPool(self.workers) if pool is None else pool
         self._memory = shared_memory.SharedMemory(create=True, size=size)
-        self._images, self._shares = _slot_views(self._memory, shapes, self.depth)
-        self._tissue = tissue_threshold is not None
+        self._images, self._shares = _slot_views(self._memory, self._shapes, self.depth)
         self._free = list(range(self.depth))
-        try:
-            # spawn, not fork: the parent may hold CUDA state and threads.
-            self._pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-                initargs=(
-                    reader_factory,
-                    self.path,
-                    self._memory.name,
-                    shapes,
-                    self.depth,
-                    geometry,
-                    tissue_threshold,
-                ),
-            )
-        except BaseException:
-            self._close_memory()
-            raise
+        self._pending: set[Future[int]] = set()
+        self._pending_lock = threading.Lock()
+        self._broken = False
 
     def submit(self, positions: Sequence[Position]) -> Future[LoadedBatch]:
         positions = list(positions)
@@ -373,27 +438,43 @@ class ProcessTileLoader:
             raise RuntimeError(f"all {self.depth} batch slots are in use; release a batch first")
         slot = self._free.pop()
         done: Future[LoadedBatch] = Future()
+        job = _SlotJob(
+            self._factory,
+            self.path,
+            self._memory.name,
+            self._shapes,
+            self.depth,
+            slot,
+            positions,
+            self._geometry,
+            self._threshold,
+        )
         try:
-            work = self._pool.submit(_load_into_slot, slot, positions)
+            work = self._pool.submit(job)
         except BrokenProcessPool:
             self._free.append(slot)
+            self._pool.reset()
             raise self._died() from None
 
         def finish(work: Future[int]) -> None:
             error = work.exception()
             if error is not None:
                 self._free.append(slot)
-                done.set_exception(self._died() if isinstance(error, BrokenProcessPool) else error)
+                if isinstance(error, BrokenProcessPool):
+                    self._broken = True
+                    error = self._died()
+                done.set_exception(error)
                 return
             n = len(positions)
             done.set_result(
                 LoadedBatch(
                     self._images[slot, :n],
-                    self._shares[slot, :n] if self._tissue else None,
+                    self._shares[slot, :n] if self._threshold is not None else None,
                     lambda: self._free.append(slot),
                 )
             )
 
+        self._track(work)
         work.add_done_callback(finish)
         return done
 
@@ -406,10 +487,37 @@ class ProcessTileLoader:
         )
 
     def close(self) -> None:
+        """Wait for the batches in flight, then free the slots (and an own pool, or a
+        shared pool one of whose processes died, so that the next slide gets new ones)."""
         try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._own_pool or self._broken:
+                self._pool.reset()
+            else:
+                self._drain()
         finally:
             self._close_memory()
+
+    def _drain(self) -> None:
+        # Workers must be done writing into the block before it is unlinked; batches not
+        # yet started are dropped.
+        with self._pending_lock:
+            pending = list(self._pending)
+        for future in pending:
+            if not future.cancel():
+                try:
+                    future.result()
+                except Exception:
+                    pass
+
+    def _track(self, work: Future[int]) -> None:
+        with self._pending_lock:
+            self._pending.add(work)
+
+        def forget(done: Future[int]) -> None:
+            with self._pending_lock:
+                self._pending.discard(done)
+
+        work.add_done_callback(forget)
 
     def _close_memory(self) -> None:
         # Views into the block must go before it can be closed; a batch still held by

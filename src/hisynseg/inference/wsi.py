@@ -52,6 +52,7 @@ from hisynseg.inference.tile_loading import (
     LOADER_KINDS,
     LoadedBatch,
     ProcessTileLoader,
+    ReaderPool,
     SharedMemoryTooSmallError,
     ThreadTileLoader,
     TileGeometry,
@@ -365,6 +366,13 @@ class SlidePrediction:
         }
 
 
+def runs_on_accelerator(predict: Any) -> bool:
+    """Whether a backend's network runs on an accelerator: its ``accelerated``, else its
+    ``device``; a bare function runs on the CPU."""
+    device = str(getattr(predict, "device", "cpu"))
+    return bool(getattr(predict, "accelerated", not device.startswith("cpu")))
+
+
 def open_tile_loader(
     kind: str,
     reader: SlideReader,
@@ -374,15 +382,24 @@ def open_tile_loader(
     batch_size: int,
     num_tiles: int,
     accelerated: bool,
+    pool: ReaderPool | None = None,
 ) -> TileLoader:
     """The tile loader :func:`predict_slide` reads with (see :func:`choose_loader`)."""
     threshold = None if tissue is None else tissue.threshold
+    if pool is not None:
+        workers = pool.workers
     if choose_loader(kind, reader, workers, num_tiles, accelerated) == "processes":
         factory = reader_factory(reader)
         assert factory is not None  # choose_loader checked
         try:
             return ProcessTileLoader(
-                factory, reader.path, plan.geometry, threshold, workers, batch_size
+                factory,
+                reader.path,
+                plan.geometry,
+                threshold,
+                pool,
+                workers=workers,
+                batch_size=batch_size,
             )
         except SharedMemoryTooSmallError as exc:
             if kind != "auto":
@@ -409,6 +426,7 @@ def predict_slide(
     description: str = "tiles",
     workers: int | None = None,
     tile_loader: str = "auto",
+    reader_pool: ReaderPool | None = None,
 ) -> SlidePrediction:
     """Predict a slide tile by tile into ``mask_out`` (and ``probs_out``).
 
@@ -436,6 +454,9 @@ def predict_slide(
             whose reader can be reopened, with a backend on an accelerator: one whose
             ``accelerated`` is true, or whose ``device`` is not the CPU;
             :func:`~hisynseg.inference.tile_loading.choose_loader`).
+        reader_pool: Reader processes started beforehand (and kept for other slides);
+            its size replaces ``workers``. ``None``: processes, when chosen, are started
+            for this slide.
 
     Returns:
         Counts per class and tile statistics.
@@ -520,12 +541,17 @@ def predict_slide(
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     predict_seconds = 0.0
     warmup: float | None = None
-    # A backend says whether its network runs on an accelerator (Backend.accelerated, or
-    # its device); a bare function runs on the CPU.
-    device = str(getattr(predict, "device", "cpu"))
-    accelerated = bool(getattr(predict, "accelerated", not device.startswith("cpu")))
+    accelerated = runs_on_accelerator(predict)
     loader = open_tile_loader(
-        tile_loader, reader, plan, tissue, workers, batch_size, len(tiles), accelerated
+        tile_loader,
+        reader,
+        plan,
+        tissue,
+        workers,
+        batch_size,
+        len(tiles),
+        accelerated,
+        reader_pool,
     )
     bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
     try:
@@ -576,5 +602,5 @@ def predict_slide(
         warmup_seconds=warmup or 0.0,
         predict_seconds=predict_seconds,
         tile_loader=loader.kind,
-        workers=workers,
+        workers=loader.workers,
     )
