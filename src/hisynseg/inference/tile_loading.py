@@ -9,10 +9,11 @@ positions, get a future of a :class:`LoadedBatch`):
 
 - :class:`ThreadTileLoader` reads in a pool of threads of this process (any reader; no
   start-up cost; the reader's decoded-tile cache is shared by all threads).
-- :class:`ProcessTileLoader` reads in spawned worker processes, each with its own reader
-  opened from the file's path, into a ring of batch slots in shared memory, so a batch
-  crosses to the network without being pickled or copied. A slot is reused once its
-  batch is released.
+- :class:`ProcessTileLoader` reads in the spawned processes of a :class:`ReaderPool`,
+  each opening the slide from its path, into a ring of batch slots in shared memory, so
+  a batch crosses to the network without being pickled or copied. A slot is reused once
+  its batch is released. One pool serves every slide of a run, so its processes start
+  once, while the first slide is being opened.
 
 This module imports neither torch nor the network code, so that worker processes start
 in a fraction of a second and stay small.
