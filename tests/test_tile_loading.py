@@ -371,3 +371,31 @@ def test_a_run_starts_reader_processes_only_where_they_will_be_used(tmp_path: Pa
         if pool is not None:
             assert pool.workers == workers
             pool.close()
+
+
+def test_closing_a_loader_on_a_shared_pool_drops_unstarted_batches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hisynseg.inference.tile_loading import ReaderPool
+
+    _write_slide(tmp_path / "s.tif", _stained(256, 256, seed=5))
+    geometry = TileGeometry(level=0, level_scale=1.0, tile=64, output_downsample=1)
+    with ReaderPool(1) as pool, open_slide(tmp_path / "s.tif") as reader:
+        loader = ProcessTileLoader(
+            reader.reopener(), reader.path, geometry, None, pool, batch_size=4
+        )
+        futures = [loader.submit([(0, 64 * i)] * 4) for i in range(3)]
+        with caplog.at_level("ERROR"):
+            loader.close()  # some batches have not started: they are dropped
+        assert all(f.done() for f in futures)
+        assert "exception calling callback" not in caplog.text
+        # The pool still serves a new loader.
+        again = ProcessTileLoader(
+            reader.reopener(), reader.path, geometry, None, pool, batch_size=1
+        )
+        try:
+            batch = again.submit([(64, 64)]).result(timeout=60)
+            np.testing.assert_array_equal(batch.images[0], read_tile(reader, geometry, 64, 64))
+            batch.release()
+        finally:
+            again.close()

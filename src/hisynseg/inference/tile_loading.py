@@ -458,6 +458,10 @@ class ProcessTileLoader:
             raise self._died() from None
 
         def finish(work: Future[int]) -> None:
+            if work.cancelled():  # dropped by close()
+                self._free.append(slot)
+                done.cancel()
+                return
             error = work.exception()
             if error is not None:
                 self._free.append(slot)
