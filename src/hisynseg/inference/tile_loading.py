@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -427,7 +427,7 @@ class ProcessTileLoader:
         self._memory = shared_memory.SharedMemory(create=True, size=size)
         self._images, self._shares = _slot_views(self._memory, self._shapes, self.depth)
         self._free = list(range(self.depth))
-        self._pending: set[Future[int]] = set()
+        self._pending: list[tuple[Future[int], Future[LoadedBatch]]] = []
         self._pending_lock = threading.Lock()
         self._broken = False
 
@@ -461,6 +461,7 @@ class ProcessTileLoader:
             if work.cancelled():  # dropped by close()
                 self._free.append(slot)
                 done.cancel()
+                done.set_running_or_notify_cancel()  # wakes wait() on it
                 return
             error = work.exception()
             if error is not None:
@@ -479,8 +480,8 @@ class ProcessTileLoader:
                 )
             )
 
-        self._track(work)
         work.add_done_callback(finish)
+        self._track(work, done)
         return done
 
     def _died(self) -> HisynsegError:
@@ -503,26 +504,18 @@ class ProcessTileLoader:
             self._close_memory()
 
     def _drain(self) -> None:
-        # Workers must be done writing into the block before it is unlinked; batches not
-        # yet started are dropped.
+        # Workers must be done writing into the block before it is unlinked, and every
+        # batch's completion callback must have run; batches not yet started are dropped.
         with self._pending_lock:
             pending = list(self._pending)
-        for future in pending:
-            if not future.cancel():
-                try:
-                    future.result()
-                except Exception:
-                    pass
+        for work, _ in pending:
+            work.cancel()
+        wait([done for _, done in pending])
 
-    def _track(self, work: Future[int]) -> None:
+    def _track(self, work: Future[int], done: Future[LoadedBatch]) -> None:
         with self._pending_lock:
-            self._pending.add(work)
-
-        def forget(done: Future[int]) -> None:
-            with self._pending_lock:
-                self._pending.discard(done)
-
-        work.add_done_callback(forget)
+            self._pending = [p for p in self._pending if not p[1].done()]
+            self._pending.append((work, done))
 
     def _close_memory(self) -> None:
         # Views into the block must go before it can be closed; a batch still held by
