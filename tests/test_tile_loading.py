@@ -399,3 +399,35 @@ def test_closing_a_loader_on_a_shared_pool_drops_unstarted_batches(
             batch.release()
         finally:
             again.close()
+
+
+def test_openslide_slides_are_read_by_processes_too(tmp_path: Path) -> None:
+    pytest.importorskip("openslide")
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+    from hisynseg.slides.openslide_reader import OpenSlideReader
+
+    image = _stained(192, 256, seed=6)
+    path = tmp_path / "generic.tif"
+    options: dict = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **options)
+        tif.write(image[::2, ::2], subfiletype=1, **options)
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        return np.concatenate([x, 1 - x.mean(1, keepdims=True)], axis=1) / 2
+
+    masks = {}
+    for loader in ("threads", "processes"):
+        with OpenSlideReader(path) as reader:
+            plan = plan_tiles(reader, tile=32, overlap=8, target_mpp=1.0)
+            assert plan.level == 1  # 0.5 µm/px slide read from its halved level
+            mask = DiskCanvas.create(tmp_path / f"{loader}.raw", plan.output_size[::-1], np.uint8)
+            stats = predict_slide(
+                reader, backend, plan, 4, 5, mask, batch_size=4, workers=2, tile_loader=loader
+            )
+        assert stats.tile_loader == loader
+        masks[loader] = mask.read_all()
+    np.testing.assert_array_equal(masks["processes"], masks["threads"])
+    assert len(np.unique(masks["threads"])) >= 2
