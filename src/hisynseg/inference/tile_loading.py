@@ -264,9 +264,11 @@ def _warm_up() -> None:
 def _load_into_slot(job: _SlotJob) -> int:
     w = _worker
     if w.get("path") != job.path:
-        if "reader" in w:
-            w.pop("reader").close()
-        w["reader"] = job.reader_factory(job.path)
+        previous = w.pop("reader", None)
+        w.pop("path", None)
+        if previous is not None:
+            previous.close()
+        w["reader"] = job.reader_factory(job.path)  # may raise: then no reader is kept
         w["path"] = job.path
     if w.get("memory_name") != job.memory_name:
         if "memory" in w:
