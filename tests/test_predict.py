@@ -444,3 +444,40 @@ def test_backend_says_whether_its_network_runs_on_an_accelerator() -> None:
             return net(x)
 
     assert Backend(GpuOnnxLike(), 4, name="onnxruntime").accelerated
+
+
+def test_rows_no_tile_reaches_are_background_with_zero_probabilities(tmp_path: Path) -> None:
+    from hisynseg.inference.tissue import TissueDetector
+
+    image = np.full((320, 192, 3), 245, np.uint8)  # glass below row 96
+    image[:96] = _texture(96, 192, seed=7) // 2 + np.array([100, 20, 90], np.uint8)
+    reader = PlainImageReader("mem", image=image)
+    backend = Backend(_ConvNet(kernel=1, layers=1), 4)
+    plan = plan_tiles(reader, tile=64, overlap=16, output_downsample=2)
+    wo, ho = plan.output_size
+    results = {}
+    for name, max_tiles in (("all", None), ("first", 2)):
+        mask = DiskCanvas.create(tmp_path / f"{name}.raw", (ho, wo), np.uint8)
+        probs = DiskCanvas.create(tmp_path / f"{name}.npy", (ho, wo, 4), np.float32, npy=True)
+        probs.write_rows(0, np.full((ho, wo, 4), 7.0, np.float32))  # stale values to clear
+        stats = predict_slide(
+            reader,
+            backend,
+            plan,
+            4,
+            BG,
+            mask,
+            probs,
+            batch_size=2,
+            tissue=TissueDetector.fit(reader),
+            max_tiles=max_tiles,
+        )
+        m, p = mask.read_all(), np.load(tmp_path / f"{name}.npy")
+        np.testing.assert_array_equal(stats.counts, np.bincount(m.ravel(), minlength=256))
+        results[name] = (m, p)
+    m, p = results["all"]
+    assert (m[60:] == BG).all() and (p[60:] == 0).all()  # glass rows, never reached
+    assert (m[:40] != BG).mean() > 0.9
+    first_m, first_p = results["first"]
+    assert (first_m[40:] == BG).all() and (first_p[40:] == 0).all()
+    np.testing.assert_array_equal(first_m[:24, :40], m[:24, :40])  # away from the cut-off

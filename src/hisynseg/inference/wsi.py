@@ -296,12 +296,20 @@ class _BandAccumulator:
             raise AssertionError(f"tile at row {top} outside the band at {self.top}")
         self.merger.add(probs, top - self.top, left, weight)
 
-    def flush(self, until: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Finish rows up to ``until``: ``(top, averages C×n×W, covered n×W)`` per chunk."""
+    def flush(self, until: int) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray | None]]:
+        """Finish rows up to ``until``: ``(top, n, averages C×n×W, covered n×W)`` per
+        chunk; ``(top, n, None, None)`` for a stretch of rows no tile reached."""
         m = self.merger
         while self.top < until:
+            if not m.weights.any():
+                # Nothing blended at or below the band's top: every row up to ``until`` is
+                # uncovered (glass below the tissue, or the rest after --max-tiles), so
+                # there is nothing to average or to slide.
+                yield self.top, until - self.top, None, None
+                self.top = until
+                return
             n = min(until - self.top, self.rows)
-            yield self.top, m.region(0, 0, n, m.width), m.weights[:n] > 0
+            yield self.top, n, m.region(0, 0, n, m.width), m.weights[:n] > 0
             if n < self.rows:
                 m.sums[:, : self.rows - n] = m.sums[:, n:]
                 m.weights[: self.rows - n] = m.weights[n:]
@@ -495,7 +503,10 @@ def predict_slide(
     counts = np.zeros(256, np.int64)
     pooled = getattr(predict, "pooled", None)
 
-    def emit(top: int, averages: np.ndarray, covered: np.ndarray) -> None:
+    def emit(top: int, n: int, averages: np.ndarray | None, covered: np.ndarray | None) -> None:
+        if averages is None or covered is None:
+            emit_uncovered(top, n)
+            return
         labels = averages[:num_classes].argmax(axis=0).astype(np.uint8)
         glass = ~covered
         if tissue is not None:
@@ -507,6 +518,15 @@ def predict_slide(
             p = averages[:num_classes].transpose(1, 2, 0).astype(probs_out.dtype)
             p[~covered] = 0
             probs_out.write_rows(top, p)
+
+    def emit_uncovered(top: int, n: int) -> None:
+        """Background (and zero probabilities) for ``n`` rows no tile reached."""
+        for start in range(top, top + n, 256):
+            rows = min(256, top + n - start)
+            mask_out.write_rows(start, np.full((rows, wo), background_index, np.uint8))
+            if probs_out is not None:
+                probs_out.write_rows(start, np.zeros((rows, wo, num_classes), probs_out.dtype))
+        counts[background_index] += n * wo
 
     def run(images: np.ndarray) -> tuple[np.ndarray, float]:
         """Output-resolution probabilities of a batch, and the seconds the backend took."""
