@@ -46,7 +46,7 @@ from hisynseg.inference.outputs import (
     write_mask_geojson,
     write_mask_tiff,
 )
-from hisynseg.inference.tile_loading import LOADER_KINDS, MIN_WORKERS_FOR_PROCESSES, ReaderPool
+from hisynseg.inference.tile_loading import LOADER_KINDS, ReaderPool, processes_may_pay
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.inference.wsi import (
     BLEND_MODES,
@@ -462,12 +462,8 @@ def start_reader_pool(
     Each slide still chooses for itself (:func:`~hisynseg.inference.tile_loading.
     choose_loader`).
     """
-    if options.tile_loader == "threads":
-        return None
     workers = default_workers() if options.workers is None else options.workers
-    if options.tile_loader == "auto" and (
-        not runs_on_accelerator(predict) or workers < MIN_WORKERS_FOR_PROCESSES
-    ):
+    if not processes_may_pay(options.tile_loader, runs_on_accelerator(predict), workers):
         return None
     if not any(p.suffix.lower() in SLIDE_SUFFIXES for p in paths):
         return None

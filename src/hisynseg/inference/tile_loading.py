@@ -52,6 +52,7 @@ __all__ = [
     "choose_loader",
     "load_batch",
     "pool_mask",
+    "processes_may_pay",
     "read_tile",
     "reader_factory",
     "shared_memory_free_bytes",
@@ -537,6 +538,16 @@ def reader_factory(reader: SlideReader) -> Callable[[str], SlideReader] | None:
     return reopener() if callable(reopener) else None
 
 
+def processes_may_pay(kind: str, accelerated: bool, workers: int) -> bool:
+    """Whether reader processes can be wanted at all, before any slide is opened: asked
+    for, or under ``auto`` a network on an accelerator and at least
+    :data:`MIN_WORKERS_FOR_PROCESSES` readers (:func:`choose_loader` then also needs a
+    reopenable reader and enough tiles)."""
+    if kind == "processes":
+        return True
+    return kind == "auto" and accelerated and workers >= MIN_WORKERS_FOR_PROCESSES
+
+
 def choose_loader(
     kind: str,
     reader: SlideReader,
@@ -566,9 +577,8 @@ def choose_loader(
         )
     if kind == "auto":
         use = (
-            accelerated
+            processes_may_pay(kind, accelerated, workers)
             and reopenable
-            and workers >= MIN_WORKERS_FOR_PROCESSES
             and num_tiles >= MIN_TILES_FOR_PROCESSES
         )
         return "processes" if use else "threads"

@@ -455,8 +455,8 @@ def predict_slide(
         max_tiles: Stop after this many tiles (quick checks; the rest stays background).
         progress: Show a progress bar over the tiles.
         description: Progress bar label.
-        workers: Reader threads or processes (``None``: :func:`default_workers`); up to
-            ``workers + 1`` batches are read ahead.
+        workers: Reader threads or processes (``None``: :func:`default_workers`); at
+            most ``workers + 2`` batches are read or held at once.
         tile_loader: ``threads``, ``processes`` (spawned workers reading into shared
             memory, free of this process's GIL) or ``auto`` (processes for large slides
             whose reader can be reopened, with a backend on an accelerator: one whose
