@@ -30,6 +30,7 @@ from hisynseg.demo.baselines import (
 from hisynseg.demo.build import TRAIN_MASKS_DIR, DemoSettings, build_demo_dataset
 from hisynseg.demo.run import METHOD_LABELS, DemoError, run_demo
 from hisynseg.models import build_segmenter
+from test_demo_data import _feature, _square
 
 CLASSES = ("tumour epithelium", "stroma", "lymphocytes", "epidermis")
 SMALL = DemoSettings(patch_size=32, eval_size=64, gap=4)
@@ -57,18 +58,6 @@ TINY = [
     "stage2.tta=null",
     "evaluation.tta=null",
 ]
-
-
-def _square(x0: float, y0: float, x1: float, y1: float) -> list[list[list[float]]]:
-    return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-
-
-def _feature(image: str, coords, **props) -> dict:
-    return {
-        "type": "Feature",
-        "properties": {"image": image, **props},
-        "geometry": {"type": "Polygon", "coordinates": coords},
-    }
 
 
 def _fake_sources() -> tuple[dict[str, np.ndarray], dict]:
