@@ -312,6 +312,10 @@ def test_batched_normalisation_matches_the_per_image_one() -> None:
     np.testing.assert_allclose(
         pooled, probs.reshape(3, 4, 10, 4, 12, 4).mean(axis=(3, 5)), atol=1e-6
     )
+    # On the CPU a launched batch is computed before launch returns.
+    started = backend.launch(tiles, 4)
+    assert started.done()
+    np.testing.assert_array_equal(started.result(), pooled)
 
 
 def test_reader_threads_and_device_pooling_give_the_same_masks(tmp_path: Path) -> None:

@@ -49,6 +49,51 @@ def _die(path: str) -> None:
     os._exit(3)
 
 
+def _pixel_softmax(tiles: np.ndarray) -> np.ndarray:
+    """Four class probabilities per pixel; they depend on every pixel, so a misplaced or
+    stale tile changes the output."""
+    x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    logits = np.concatenate([x, x.mean(1, keepdims=True) ** 2], axis=1) * 6.0
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+class _QueuedDevice:
+    """A backend with ``launch`` whose batches stay pending until collected, like batches
+    queued on a GPU; it records how many were pending at once and in what order they were
+    collected."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.most_pending = 0
+        self.collected: list[int] = []
+        self.launches = 0
+
+    def pooled(self, tiles: np.ndarray, factor: int) -> np.ndarray:
+        return self.launch(tiles, factor).result()
+
+    def launch(self, tiles: np.ndarray, factor: int) -> object:
+        device, staged, ticket = self, tiles.copy(), self.launches  # staged, as Backend does
+        self.launches += 1
+        self.pending.append(ticket)
+        self.most_pending = max(self.most_pending, len(self.pending))
+
+        class Pending:
+            def done(self) -> bool:
+                return False
+
+            def result(self) -> np.ndarray:
+                device.pending.remove(ticket)
+                device.collected.append(ticket)
+                n, c, h, w = len(staged), 4, staged.shape[1], staged.shape[2]
+                probs = _pixel_softmax(staged).reshape(
+                    n, c, h // factor, factor, w // factor, factor
+                )
+                return probs.mean(axis=(3, 5))
+
+        return Pending()
+
+
 def test_pool_mask_equals_the_block_mean() -> None:
     mask = np.random.default_rng(0).random((64, 96)) > 0.6
     for d in (1, 2, 4, 8):
@@ -66,13 +111,7 @@ def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: floa
 
     _write_slide(tmp_path / "s.tif", _stained(320, 384))
 
-    def backend(tiles: np.ndarray) -> np.ndarray:
-        # Depends on every pixel, so a misplaced or stale tile changes the output.
-        x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        logits = np.concatenate([x, x.mean(1, keepdims=True) ** 2], axis=1) * 6.0
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-
+    backend = _pixel_softmax
     results = []
     for loader in ("threads", "processes"):
         with open_slide(tmp_path / "s.tif") as reader:
@@ -106,6 +145,54 @@ def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: floa
     np.testing.assert_array_equal(m2, m1)
     np.testing.assert_array_equal(p2, p1)
     np.testing.assert_array_equal(c2, c1)
+
+
+def test_batches_queued_on_a_device_predict_what_a_synchronous_backend_predicts(
+    tmp_path: Path,
+) -> None:
+    from hisynseg.inference.canvas import DiskCanvas
+    from hisynseg.inference.tissue import TissueDetector
+    from hisynseg.inference.wsi import plan_tiles, predict_slide
+
+    _write_slide(tmp_path / "s.tif", _stained(320, 384, seed=3))
+    results, devices = [], []
+    # One reader is the tightest case: the slots must cover the batch being read, the
+    # two queued on the device and the one blending.
+    for run, (loader, workers, asynchronous) in enumerate(
+        [("threads", 2, False), ("threads", 1, True), ("processes", 1, True)]
+    ):
+        backend = _QueuedDevice() if asynchronous else _pixel_softmax
+        with open_slide(tmp_path / "s.tif") as reader:
+            plan = plan_tiles(reader, tile=64, overlap=16, output_downsample=2)
+            wo, ho = plan.output_size
+            mask = DiskCanvas.create(tmp_path / f"{run}.raw", (ho, wo), np.uint8)
+            probs = DiskCanvas.create(tmp_path / f"{run}.npy", (ho, wo, 4), np.float32)
+            stats = predict_slide(
+                reader,
+                backend,
+                plan,
+                4,
+                5,
+                mask,
+                probs,
+                batch_size=2,
+                tissue=TissueDetector.fit(reader),
+                workers=workers,
+                tile_loader=loader,
+            )
+        assert stats.tile_loader == loader and stats.tiles_predicted > 6
+        results.append((mask.read_all(), probs.read_all(), stats.counts))
+        if asynchronous:
+            devices.append(backend)
+    for device in devices:
+        assert device.most_pending == 2 and not device.pending
+        assert device.collected == list(range(device.launches))
+    (m1, p1, c1), *others = results
+    assert len(np.unique(m1)) >= 3
+    for m, p, c in others:
+        np.testing.assert_array_equal(m, m1)
+        np.testing.assert_allclose(p, p1, atol=1e-6)
+        np.testing.assert_array_equal(c, c1)
 
 
 def test_process_loader_fills_slots_and_frees_its_memory(tmp_path: Path) -> None:

@@ -13,6 +13,12 @@ per-image :func:`~hisynseg.evaluation.evaluate.normalise_image` uses, so the val
 identical. :meth:`Backend.pooled` also averages the probabilities over
 ``d×d`` blocks on the device, so a whole-slide prediction at a reduced output resolution
 copies ``d²`` times less back to the host.
+
+:meth:`Backend.launch` starts a batch without waiting for it. On a CUDA device the
+upload, the network and the copy back are queued on the stream and the call returns, so
+the host can stage the next batch and blend the previous one while the device computes:
+a device that waits for the host between batches idles for the staging copy, the
+transfers and the Python work of every batch.
 """
 
 from __future__ import annotations
@@ -32,7 +38,36 @@ from hisynseg.inference.export_onnx import ONNX_FORMAT, ONNX_METADATA_KEY, impor
 from hisynseg.inference.outputs import ClassLabels
 from hisynseg.normalization import normalise_uint8
 
-__all__ = ["Backend", "OnnxNetwork", "load_backend"]
+__all__ = ["Backend", "OnnxNetwork", "PendingProbabilities", "load_backend"]
+
+# Page-locked upload buffers used in turn: one batch can upload while the previous one
+# is still in its buffer, queued behind the network.
+_STAGING_BUFFERS = 2
+
+
+class PendingProbabilities:
+    """Probabilities of a batch that the device may still be computing.
+
+    Args:
+        host: Where the probabilities are (or will be, once the device is done).
+        ready: CUDA event recorded after the copy into ``host``; ``None`` when ``host``
+            already holds them.
+    """
+
+    def __init__(self, host: torch.Tensor, ready: Any = None) -> None:
+        self._host = host
+        self._ready = ready
+
+    def done(self) -> bool:
+        """Whether :meth:`result` returns without waiting."""
+        return self._ready is None or bool(self._ready.query())
+
+    def result(self) -> np.ndarray:
+        """``B×C×h×w`` ``float32`` probabilities (waits for the device if need be)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._host.numpy()
 
 
 class Backend:
@@ -69,7 +104,11 @@ class Backend:
             getattr(network, "uses_gpu", False)
         )
         self._score = score_function(network, self.tta)
-        self._pinned: torch.Tensor | None = None
+        self._cuda = self.device.startswith("cuda")
+        # Page-locked staging buffers and, per buffer, the event after its last upload.
+        self._staging: list[torch.Tensor | None] = [None] * _STAGING_BUFFERS
+        self._uploaded: list[Any] = [None] * _STAGING_BUFFERS
+        self._next_staging = 0
 
     def normalise(self, tiles: np.ndarray) -> torch.Tensor:
         """``B×3×H×W`` float tensor on the device: ImageNet mean/std of ``uint8`` tiles."""
@@ -79,15 +118,24 @@ class Backend:
         if not array.flags.writeable:  # torch wants writable memory
             array = array.copy()
         x = torch.from_numpy(array)
-        if self.device.startswith("cuda"):
-            # Page-locked staging lets the upload run asynchronously; the buffer is reused
-            # because each call ends by copying its result back, i.e. after the upload.
-            if self._pinned is None or self._pinned.shape != x.shape:
-                self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
-            x = self._pinned.copy_(x).to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
+        x = self._upload(x) if self._cuda else x.to(self.device)
         return normalise_uint8(x)
+
+    def _upload(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the CUDA device through a page-locked buffer, without waiting for it."""
+        i = self._next_staging
+        self._next_staging = (i + 1) % _STAGING_BUFFERS
+        buffer = self._staging[i]
+        if buffer is None or buffer.shape != x.shape:
+            buffer = self._staging[i] = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+        elif self._uploaded[i] is not None:
+            # The buffer's previous batch may still be queued for upload behind the
+            # network; overwriting it before then would upload the wrong tiles.
+            self._uploaded[i].synchronize()
+        buffer.copy_(x)
+        on_device = buffer.to(self.device, non_blocking=True)
+        self._uploaded[i] = self._record_event()
+        return on_device
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """``B×C×H×W`` ``float32`` probabilities of ``B×H×W×3`` ``uint8`` RGB tiles."""
@@ -103,11 +151,41 @@ class Backend:
         Returns:
             ``B×C×(H/factor)×(W/factor)`` ``float32``.
         """
+        return self.launch(tiles, factor).result()
+
+    def launch(self, tiles: np.ndarray, factor: int = 1) -> PendingProbabilities:
+        """Start :meth:`pooled` on a batch and return without waiting for the device.
+
+        On a CUDA device the tiles are copied to a page-locked buffer (so ``tiles`` may
+        be reused when this returns) and everything else is queued; elsewhere the batch
+        is computed before this returns. Results come back in launch order on the stream,
+        so batches can be launched one after another.
+
+        Args:
+            tiles: ``B×H×W×3`` ``uint8`` RGB, ``H`` and ``W`` multiples of ``factor``.
+            factor: Side of the blocks averaged on the device (1: none).
+
+        Returns:
+            The batch's probabilities, ``B×C×(H/factor)×(W/factor)`` when ready.
+        """
         with torch.inference_mode():
             probs = self._score(self.normalise(tiles)).softmax(dim=1).float()
             if factor > 1:
                 probs = F.avg_pool2d(probs, factor)
-            return probs.cpu().numpy()
+            if not self._cuda:
+                return PendingProbabilities(probs.cpu())
+            # Contiguous on the device, so the copy back is one plain transfer.
+            probs = probs.contiguous()
+            host = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(probs, non_blocking=True)
+            return PendingProbabilities(host, self._record_event())
+
+    def _record_event(self) -> Any:
+        """A CUDA event after the work queued so far on the device's current stream
+        (the stream its tensors' kernels run on, whichever device is current)."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(torch.device(self.device)))
+        return event
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "tta": self.tta}

@@ -19,7 +19,10 @@ stream:
    stays bounded. A blending thread merges one batch while the network runs the next,
    so reading, the network and blending all overlap.
    A backend with a ``pooled(tiles, d)`` method (:class:`~hisynseg.inference.backends.
-   Backend`) reduces the probabilities to the output resolution on its device.
+   Backend`) reduces the probabilities to the output resolution on its device; one
+   with a ``launch(tiles, d)`` method as well (the same class, on CUDA) gets the next
+   batch queued while it computes one, so the device does not wait for the host
+   between batches.
 4. **Blend**: each tile's probabilities, reduced to the output resolution, are weighted by
    a window that falls off towards the tile's border (Gaussian by default), so seams
    vanish, and accumulated in a band of rows one tile high
@@ -81,6 +84,9 @@ log = logging.getLogger(__name__)
 BLEND_MODES = ("gaussian", "cosine", "constant")
 # Weights never reach zero, so that pixels covered by one tile's rim only still count.
 _MIN_WEIGHT = 1e-3
+# Batches a backend with ``launch`` may have queued on its device: the one it computes
+# and the next, staged while it does.
+_IN_FLIGHT = 2
 
 ProbabilityFn = Callable[[np.ndarray], np.ndarray]
 
@@ -329,7 +335,8 @@ class SlidePrediction:
         tiles_predicted: Tiles run through the network (fewer with ``max_tiles``).
         tissue_threshold: Saturation threshold of the tissue test, or ``None``.
         seconds: Wall time of the tile loop.
-        predict_seconds: Time spent in the backend.
+        predict_seconds: Time the tile loop spent in the backend: computing, or (a
+            backend with ``launch``) launching batches and waiting for them.
         tile_loader: ``"threads"`` or ``"processes"``: how tiles were read.
         workers: Reader threads or processes.
         warmup_seconds: From the start until the first batch was read (the tissue test,
@@ -372,6 +379,18 @@ class SlidePrediction:
             if self.steady_tiles_per_second is None
             else round(self.steady_tiles_per_second, 3),
         }
+
+
+def _is_ready(started: Any) -> bool:
+    """Whether a started batch's probabilities can be had without waiting."""
+    done = getattr(started, "done", None)
+    return done is None or bool(done())
+
+
+def _collect(started: Any) -> np.ndarray:
+    """The probabilities of a started batch (waiting for the device if need be)."""
+    result = getattr(started, "result", None)
+    return np.asarray(started if result is None else result(), dtype=np.float32)
 
 
 def runs_on_accelerator(predict: Any) -> bool:
@@ -502,6 +521,7 @@ def predict_slide(
     band = _BandAccumulator(channels, t // d, wo)
     counts = np.zeros(256, np.int64)
     pooled = getattr(predict, "pooled", None)
+    launch = getattr(predict, "launch", None)
 
     def emit(top: int, n: int, averages: np.ndarray | None, covered: np.ndarray | None) -> None:
         if averages is None or covered is None:
@@ -528,22 +548,23 @@ def predict_slide(
                 probs_out.write_rows(start, np.zeros((rows, wo, num_classes), probs_out.dtype))
         counts[background_index] += n * wo
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, float]:
-        """Output-resolution probabilities of a batch, and the seconds the backend took."""
-        t0 = time.perf_counter()
-        n = len(images)
+    def start_batch(images: np.ndarray) -> Any:
+        """Start a batch: its output-resolution probabilities, or a pending result
+        (a backend's ``launch``) the device is still computing."""
+        if launch is not None:
+            return launch(images, d)
         if pooled is not None:
-            probs = np.asarray(pooled(images, d), dtype=np.float32)
-            expected = (n, num_classes, t // d, t // d)
-        else:
-            probs = np.asarray(predict(images), dtype=np.float32)
-            expected = (n, num_classes, t, t)
-        seconds = time.perf_counter() - t0
+            return np.asarray(pooled(images, d), dtype=np.float32)
+        probs = np.asarray(predict(images), dtype=np.float32)
+        check_shape(probs, len(images), t)
+        return _pool(probs, d)
+
+    def check_shape(probs: np.ndarray, n: int, side: int) -> None:
+        expected = (n, num_classes, side, side)
         if probs.shape != expected:
             raise PredictionError(
                 f"the model returned {probs.shape} for {n} tiles; expected {expected}"
             )
-        return (probs if pooled is not None else _pool(probs, d)), seconds
 
     def blend_batch(
         batch: Sequence[tuple[int, int]], probs: np.ndarray, loaded: LoadedBatch
@@ -575,36 +596,58 @@ def predict_slide(
     )
     bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
     try:
-        # The loader keeps batches read ahead (its depth counts those and the two batches
-        # held here). The network runs in this thread (its large allocations stay in one
-        # malloc arena) and a second thread blends batch i while batch i + 1 is
-        # predicted, so an accelerator never waits for the blending; one blend at a time
-        # keeps the rows in order.
+        # The loader keeps batches read ahead; its depth bounds those plus the batches
+        # held here (launched, or blending). The network runs in this thread (its large
+        # allocations stay in one malloc arena). A backend with ``launch`` (CUDA) keeps
+        # up to _IN_FLIGHT batches queued on the device, so that it computes one while
+        # this thread collects the previous one and stages the next. A second thread
+        # blends batch i while the network runs later ones, so the device never waits
+        # for the blending; one blend at a time keeps the rows in order.
         with ThreadPoolExecutor(max_workers=1) as blender:
             reads: deque[Future[LoadedBatch]] = deque()
+            launched: deque[tuple[Sequence[tuple[int, int]], LoadedBatch, Any]] = deque()
             queued = 0
             blending: Future[None] | None = None
 
-            def read_ahead() -> None:
+            def read_ahead(holding: int = 0) -> None:
+                """Queue reads while fewer than the loader's depth batches are in hand."""
                 nonlocal queued
-                held = 1 if blending is not None and not blending.done() else 0
-                while queued < len(batches) and len(reads) + held + 1 < loader.depth:
+                blend_held = 1 if blending is not None and not blending.done() else 0
+                in_hand = len(reads) + len(launched) + blend_held + holding
+                while queued < len(batches) and in_hand < loader.depth:
                     reads.append(loader.submit(batches[queued]))
                     queued += 1
+                    in_hand += 1
 
-            read_ahead()
-            for batch in batches:
-                loaded = reads.popleft().result()
-                if warmup is None:
-                    warmup = time.perf_counter() - start
-                read_ahead()
-                probs, seconds = run(loaded.images)
-                predict_seconds += seconds
+            def finish_oldest() -> None:
+                """Collect the oldest launched batch and hand it to the blending thread."""
+                nonlocal blending, predict_seconds
+                batch, loaded, started = launched.popleft()
+                t0 = time.perf_counter()
+                probs = _collect(started)
+                predict_seconds += time.perf_counter() - t0
+                check_shape(probs, len(batch), t // d)
                 if blending is not None:
                     blending.result()
                 blending = blender.submit(blend_batch, batch, probs, loaded)
                 bar.update(len(batch))
+
+            read_ahead()
+            for batch in batches:
+                # Never empty here: at most one batch is launched and one blending at
+                # this point, and the loader's depth is at least workers + 2.
+                loaded = reads.popleft().result()
+                if warmup is None:
+                    warmup = time.perf_counter() - start
+                read_ahead(holding=1)
+                t0 = time.perf_counter()
+                launched.append((batch, loaded, start_batch(loaded.images)))
+                predict_seconds += time.perf_counter() - t0
+                while launched and (len(launched) >= _IN_FLIGHT or _is_ready(launched[0][2])):
+                    finish_oldest()
                 read_ahead()
+            while launched:
+                finish_oldest()
             if blending is not None:
                 blending.result()
         for chunk in band.flush(ho):
