@@ -27,6 +27,13 @@ tiles/s is the most any network can reach through ``hisynseg predict`` on this m
 the figure to hold against a fast accelerator's bare forward (``--profile`` adds a
 cProfile of the child's main thread).
 
+``--simulated-device R`` (with ``--pipeline-only``) puts a stand-in device in the
+network's place: it runs queued batches one after another at ``R`` tiles/s, and launching
+a batch returns at once, as on CUDA. The share of ``R`` the tile loop reaches is how busy
+it keeps a device of that speed; ``--in-flight 1`` makes the loop wait for each batch
+before staging the next, the synchronous loop, for comparison. On a small machine the
+readers cap ``R`` (a 2-core one reads a few hundred tiles/s at most).
+
     python benchmarks/predict_wsi.py                          # 20,000² slide, every tissue tile
     python benchmarks/predict_wsi.py --size 4096               # quick check
     python benchmarks/predict_wsi.py --max-tiles 64            # 20,000² slide, first 64 tiles
@@ -34,6 +41,8 @@ cProfile of the child's main thread).
     python benchmarks/predict_wsi.py --pipeline-only --batch 16  # the pipeline's own ceiling
     python benchmarks/predict_wsi.py --pipeline-only --null-backend --batch 16 --workers 2 \
         --tile-loader processes --gil                          # GIL ceiling, reader processes
+    python benchmarks/predict_wsi.py --pipeline-only --simulated-device 150 --batch 16 \
+        --workers 2 --tile-loader processes [--in-flight 1]    # device kept busy?
 
 A 2-core CPU runs resnet18 DeepLabV3+ at roughly one 512² tile per second, so a full
 20,000² slide at its native resolution (about 1,500 tissue tiles) takes about half an
@@ -258,7 +267,11 @@ from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.inference.backends import Backend
 from hisynseg.inference.outputs import ClassLabels
 from hisynseg.inference.predict import PredictOptions, predict_inputs
-slide, out, device, options, profile, null = sys.argv[1:]
+slide, out, device, options, profile, mode, in_flight = sys.argv[1:]
+if in_flight:
+    import hisynseg.inference.wsi as wsi
+
+    wsi._IN_FLIGHT = int(in_flight)  # 1: wait for every batch before staging the next
 
 
 class Pointwise(nn.Module):
@@ -284,9 +297,47 @@ class Null:
         return probs
 
 
+class Simulated:
+    # A device that runs queued batches one after another, each in batch / rate seconds:
+    # launch stages the tiles (a host copy, as into page-locked memory) and returns at
+    # once; a result is ready when its batch's turn on the device is over. How close the
+    # tile loop comes to the rate is how busy it keeps a device of that speed.
+    def __init__(self, rate):
+        self.rate, self.free_at = rate, 0.0
+
+    def pooled(self, tiles, factor):
+        return self.launch(tiles, factor).result()
+
+    def launch(self, tiles, factor):
+        staged = np.array(tiles)
+        self.free_at = max(time.perf_counter(), self.free_at) + len(staged) / self.rate
+        return Ticket(self.free_at, len(staged), tiles.shape[1] // factor)
+
+
+class Ticket:
+    def __init__(self, ready_at, n, side):
+        self.ready_at, self.n, self.side = ready_at, n, side
+
+    def done(self):
+        return time.perf_counter() >= self.ready_at
+
+    def result(self):
+        time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+        probs = np.zeros((self.n, 4, self.side, self.side), np.float32)
+        probs[:, 1] = 1.0
+        return probs
+
+
+import time
+
 import numpy as np
 
-backend = Null() if null else Backend(Pointwise().eval().to(device), 4, device=device)
+if mode == "null":
+    backend = Null()
+elif mode.startswith("simulated:"):
+    backend = Simulated(float(mode.split(":")[1]))
+else:
+    backend = Backend(Pointwise().eval().to(device), 4, device=device)
 labels = ClassLabels.from_dataset_dict(get_dataset_spec("luad-histoseg").to_dict())
 opts = PredictOptions(**json.loads(options))
 prof = cProfile.Profile() if profile else None
@@ -419,7 +470,23 @@ def main() -> None:
         action="store_true",
         help="with --pipeline-only: no network nor preprocessing at all (fixed probabilities)",
     )
+    ap.add_argument(
+        "--simulated-device",
+        type=float,
+        metavar="TILES_PER_S",
+        help="with --pipeline-only: a stand-in device that computes queued batches at this "
+        "rate and returns fixed probabilities; prints how busy the tile loop keeps it",
+    )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        choices=(1, 2),
+        help="with --pipeline-only: batches a launching backend may have queued on its "
+        "device (predict's own: 2; 1 waits for each batch before staging the next)",
+    )
     args = ap.parse_args()
+    if (args.simulated_device or args.in_flight) and not args.pipeline_only:
+        ap.error("--simulated-device and --in-flight need --pipeline-only")
 
     import torch
 
@@ -526,6 +593,13 @@ def main() -> None:
         f"forward's own warm-up is untimed too; >= 0.80: "
         f"{'met' if steady_ratio >= 0.8 else 'NOT met'})"
     )
+    if args.simulated_device:
+        steady = record["steady_tiles_per_second"]
+        print(
+            f"simulated device kept busy: {steady / args.simulated_device:.2f} of its "
+            f"{args.simulated_device:g} tiles/s after the first batch, "
+            f"{record['tiles_per_second'] / args.simulated_device:.2f} over the whole loop"
+        )
     _print_memory(child, record)
     _print_reader_cost(child, record)
     if gil_profile is not None:
@@ -547,6 +621,17 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
         "tile_loader": args.tile_loader,
         "workers": args.workers,
     }
+    if args.simulated_device:
+        mode, label = (
+            f"simulated:{args.simulated_device}",
+            (f"simulated device of {args.simulated_device:g} tiles/s"),
+        )
+    elif args.null_backend:
+        mode, label = "null", "null backend"
+    else:
+        mode, label = "pointwise", "pointwise network"
+    if args.in_flight:
+        label += f", at most {args.in_flight} batch(es) queued on it"
     start = time.perf_counter()
     gil_profile = out.parent / "gil-pipeline.txt" if args.gil else None
     child, output = _child(
@@ -556,7 +641,8 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
         args.device,
         json.dumps(options),
         "1" if args.profile else "",
-        "1" if args.null_backend else "",
+        mode,
+        str(args.in_flight or ""),
         gil_profile=gil_profile,
     )
     wall = time.perf_counter() - start
@@ -567,7 +653,7 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
     record = json.loads((out / "predict.json").read_text())["inputs"][0]["details"]
     plan = record["plan"]
     print(
-        f"pipeline only ({'null backend' if args.null_backend else 'pointwise network'}), "
+        f"pipeline only ({label}), "
         f"device {args.device}, {os.cpu_count()} CPU cores "
         "(shared machine: other work may run at the same time)"
     )
@@ -592,6 +678,13 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
     )
     for key, value in record.get("write_breakdown", {}).items():
         print(f"  outputs: {key} {value:.1f} s")
+    if args.simulated_device:
+        steady = record["steady_tiles_per_second"]
+        print(
+            f"simulated device kept busy: {steady / args.simulated_device:.2f} of its "
+            f"{args.simulated_device:g} tiles/s after the first batch, "
+            f"{record['tiles_per_second'] / args.simulated_device:.2f} over the whole loop"
+        )
     _print_memory(child, record)
     _print_reader_cost(child, record)
     if gil_profile is not None:
