@@ -593,13 +593,6 @@ def main() -> None:
         f"forward's own warm-up is untimed too; >= 0.80: "
         f"{'met' if steady_ratio >= 0.8 else 'NOT met'})"
     )
-    if args.simulated_device:
-        steady = record["steady_tiles_per_second"]
-        print(
-            f"simulated device kept busy: {steady / args.simulated_device:.2f} of its "
-            f"{args.simulated_device:g} tiles/s after the first batch, "
-            f"{record['tiles_per_second'] / args.simulated_device:.2f} over the whole loop"
-        )
     _print_memory(child, record)
     _print_reader_cost(child, record)
     if gil_profile is not None:

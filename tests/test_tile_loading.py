@@ -103,43 +103,56 @@ def test_pool_mask_equals_the_block_mean() -> None:
         np.testing.assert_array_equal(result, expected.astype(np.float32))
 
 
-@pytest.mark.parametrize("target_mpp", [None, 0.75])
-def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: float | None) -> None:
+def _predict_slide_file(
+    slide: Path,
+    backend: object,
+    loader: str,
+    workers: int,
+    batch_size: int,
+    target_mpp: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, object, object]:
+    """Mask, probabilities, stats and plan of ``predict_slide`` on a TIFF file (4 classes,
+    background index 5, output downsample 2, tissue detection on)."""
     from hisynseg.inference.canvas import DiskCanvas
     from hisynseg.inference.tissue import TissueDetector
     from hisynseg.inference.wsi import plan_tiles, predict_slide
 
-    _write_slide(tmp_path / "s.tif", _stained(320, 384))
+    with open_slide(slide) as reader:
+        plan = plan_tiles(reader, tile=64, overlap=16, target_mpp=target_mpp, output_downsample=2)
+        wo, ho = plan.output_size
+        out = slide.parent / f"{loader}-{workers}-{batch_size}-{type(backend).__name__}"
+        mask = DiskCanvas.create(out.with_suffix(".raw"), (ho, wo), np.uint8)
+        probs = DiskCanvas.create(out.with_suffix(".npy"), (ho, wo, 4), np.float32)
+        stats = predict_slide(
+            reader,
+            backend,
+            plan,
+            4,
+            5,
+            mask,
+            probs,
+            batch_size=batch_size,
+            tissue=TissueDetector.fit(reader),
+            workers=workers,
+            tile_loader=loader,
+        )
+    return mask.read_all(), probs.read_all(), stats, plan
 
-    backend = _pixel_softmax
+
+@pytest.mark.parametrize("target_mpp", [None, 0.75])
+def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: float | None) -> None:
+    _write_slide(tmp_path / "s.tif", _stained(320, 384))
     results = []
     for loader in ("threads", "processes"):
-        with open_slide(tmp_path / "s.tif") as reader:
-            plan = plan_tiles(
-                reader, tile=64, overlap=16, target_mpp=target_mpp, output_downsample=2
-            )
-            assert (plan.level_scale != 1.0) == (target_mpp is not None)
-            wo, ho = plan.output_size
-            mask = DiskCanvas.create(tmp_path / f"{loader}.raw", (ho, wo), np.uint8)
-            probs = DiskCanvas.create(tmp_path / f"{loader}.npy", (ho, wo, 4), np.float32)
-            stats = predict_slide(
-                reader,
-                backend,
-                plan,
-                4,
-                5,
-                mask,
-                probs,
-                batch_size=3,
-                tissue=TissueDetector.fit(reader),
-                workers=2,
-                tile_loader=loader,
-            )
+        mask, probs, stats, plan = _predict_slide_file(
+            tmp_path / "s.tif", _pixel_softmax, loader, 2, 3, target_mpp
+        )
+        assert (plan.level_scale != 1.0) == (target_mpp is not None)
         assert stats.tile_loader == loader and stats.workers == 2
         assert 0 < stats.warmup_seconds < stats.seconds
         assert stats.steady_tiles_per_second > stats.tiles_predicted / stats.seconds
         assert 4 < stats.tiles_predicted < plan.num_tiles  # glass tiles skipped
-        results.append((mask.read_all(), probs.read_all(), stats.counts))
+        results.append((mask, probs, stats.counts))
     (m1, p1, c1), (m2, p2, c2) = results
     assert len(np.unique(m1)) >= 3 and (m1 == 5).any()
     np.testing.assert_array_equal(m2, m1)
@@ -150,38 +163,19 @@ def test_processes_predict_what_threads_predict(tmp_path: Path, target_mpp: floa
 def test_batches_queued_on_a_device_predict_what_a_synchronous_backend_predicts(
     tmp_path: Path,
 ) -> None:
-    from hisynseg.inference.canvas import DiskCanvas
-    from hisynseg.inference.tissue import TissueDetector
-    from hisynseg.inference.wsi import plan_tiles, predict_slide
-
     _write_slide(tmp_path / "s.tif", _stained(320, 384, seed=3))
     results, devices = [], []
     # One reader is the tightest case: the slots must cover the batch being read, the
     # two queued on the device and the one blending.
-    for run, (loader, workers, asynchronous) in enumerate(
-        [("threads", 2, False), ("threads", 1, True), ("processes", 1, True)]
-    ):
+    for loader, workers, asynchronous in [
+        ("threads", 2, False),
+        ("threads", 1, True),
+        ("processes", 1, True),
+    ]:
         backend = _QueuedDevice() if asynchronous else _pixel_softmax
-        with open_slide(tmp_path / "s.tif") as reader:
-            plan = plan_tiles(reader, tile=64, overlap=16, output_downsample=2)
-            wo, ho = plan.output_size
-            mask = DiskCanvas.create(tmp_path / f"{run}.raw", (ho, wo), np.uint8)
-            probs = DiskCanvas.create(tmp_path / f"{run}.npy", (ho, wo, 4), np.float32)
-            stats = predict_slide(
-                reader,
-                backend,
-                plan,
-                4,
-                5,
-                mask,
-                probs,
-                batch_size=2,
-                tissue=TissueDetector.fit(reader),
-                workers=workers,
-                tile_loader=loader,
-            )
+        mask, probs, stats, _ = _predict_slide_file(tmp_path / "s.tif", backend, loader, workers, 2)
         assert stats.tile_loader == loader and stats.tiles_predicted > 6
-        results.append((mask.read_all(), probs.read_all(), stats.counts))
+        results.append((mask, probs, stats.counts))
         if asynchronous:
             devices.append(backend)
     for device in devices:
