@@ -318,6 +318,55 @@ def test_batched_normalisation_matches_the_per_image_one() -> None:
     np.testing.assert_array_equal(started.result(), pooled)
 
 
+def test_cuda_launches_overwrite_a_staging_buffer_only_after_its_upload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA path of ``Backend.launch`` on CPU tensors, with events that log what waits
+    for what: two staging buffers in turn, the third batch waits for the first upload."""
+    import hisynseg.inference.backends as backends
+
+    log: list[tuple[str, int]] = []
+
+    class Event:
+        made = 0
+
+        def __init__(self) -> None:
+            self.id, self.finished = Event.made, False
+            Event.made += 1
+
+        def record(self, stream: object) -> None:
+            log.append(("record", self.id))
+
+        def query(self) -> bool:
+            return self.finished
+
+        def synchronize(self) -> None:
+            log.append(("wait", self.id))
+            self.finished = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(
+        backends, "_page_locked", lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    )
+    backend = Backend(_ConvNet(kernel=3, layers=1), 4)
+    backend._cuda = True
+    reference = Backend(_ConvNet(kernel=3, layers=1), 4)
+    rng = np.random.default_rng(9)
+    batches = [rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8) for _ in range(3)]
+    started = [backend.launch(tiles, 2) for tiles in batches]
+    # Events 0/1: upload and copy back of batch 0; 2/3 of batch 1; batch 2 reuses batch
+    # 0's buffer, so it waits for event 0 before its own upload (event 4).
+    expected = [("record", 0), ("record", 1), ("record", 2), ("record", 3), ("wait", 0)]
+    assert log == [*expected, ("record", 4), ("record", 5)]
+    assert backend._staging[0] is not backend._staging[1]
+    assert not any(s.done() for s in started)
+    for tiles, pending in zip(batches, started, strict=True):
+        np.testing.assert_allclose(pending.result(), reference.pooled(tiles, 2), atol=1e-6)
+        assert pending.done()
+    assert log[-3:] == [("wait", 1), ("wait", 3), ("wait", 5)]
+
+
 def test_reader_threads_and_device_pooling_give_the_same_masks(tmp_path: Path) -> None:
     from hisynseg.inference.tissue import TissueDetector
 

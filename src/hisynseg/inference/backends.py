@@ -45,6 +45,11 @@ __all__ = ["Backend", "OnnxNetwork", "PendingProbabilities", "load_backend"]
 _STAGING_BUFFERS = 2
 
 
+def _page_locked(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty host tensor in page-locked memory, which CUDA copies asynchronously."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class PendingProbabilities:
     """Probabilities of a batch that the device may still be computing.
 
@@ -127,7 +132,7 @@ class Backend:
         self._next_staging = (i + 1) % _STAGING_BUFFERS
         buffer = self._staging[i]
         if buffer is None or buffer.shape != x.shape:
-            buffer = self._staging[i] = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+            buffer = self._staging[i] = _page_locked(x.shape, torch.uint8)
         elif self._uploaded[i] is not None:
             # The buffer's previous batch may still be queued for upload behind the
             # network; overwriting it before then would upload the wrong tiles.
@@ -176,7 +181,7 @@ class Backend:
                 return PendingProbabilities(probs.cpu())
             # Contiguous on the device, so the copy back is one plain transfer.
             probs = probs.contiguous()
-            host = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
+            host = _page_locked(probs.shape, torch.float32)
             host.copy_(probs, non_blocking=True)
             return PendingProbabilities(host, self._record_event())
 
