@@ -189,6 +189,38 @@ def test_batches_queued_on_a_device_predict_what_a_synchronous_backend_predicts(
         np.testing.assert_array_equal(c, c1)
 
 
+_CTRL_C_DURING_START_UP = """
+import os, signal, sys, time
+from hisynseg.inference.tile_loading import ReaderPool
+
+if __name__ == "__main__":
+    pool = ReaderPool(2).start()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    pids = list(pool._executor._processes)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # Ctrl-C, again and again, while they import
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:  # it died of it
+                pass
+        time.sleep(0.005)
+    answers = {pool._executor.submit(os.getpid).result(timeout=60) for _ in range(8)}
+    print("ALIVE", answers <= set(pids))
+    pool.close()
+"""
+
+
+def test_reader_processes_ignore_ctrl_c_from_their_start(tmp_path: Path) -> None:
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C_DURING_START_UP)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert "KeyboardInterrupt" not in done.stderr
+    assert done.returncode == 0 and "ALIVE True" in done.stdout, done.stderr
+
+
 def test_process_loader_fills_slots_and_frees_its_memory(tmp_path: Path) -> None:
     image = _stained(192, 192, seed=1)
     _write_slide(tmp_path / "s.tif", image)

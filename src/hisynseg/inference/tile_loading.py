@@ -21,12 +21,13 @@ in a fraction of a second and stay small.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -243,9 +244,31 @@ class _SlotJob(NamedTuple):
     tissue_threshold: float | None
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Processes started inside ignore SIGINT from their first instruction.
+
+    Ctrl-C reaches the whole process group: the parent stops the workers itself (after
+    their current batch), so they must not die with a traceback each, not even while
+    they are still importing, before any code of theirs could ignore it. An ignored
+    signal stays ignored in a spawned interpreter, and Python then installs no
+    KeyboardInterrupt handler. The parent ignores Ctrl-C for the few milliseconds this
+    takes; only its main thread can change signal handlers, so elsewhere nothing changes.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    # None: a handler not set from Python, which could not be put back.
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_worker() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the workers itself (after
-    # their current batch), so they must not die mid-batch with a traceback each.
+    # Also for processes started off the main thread (see _sigint_ignored_by_children).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker decodes on its own core: more threads per worker would oversubscribe.
     cv2.setNumThreads(1)
@@ -301,23 +324,26 @@ class ReaderPool:
 
     def start(self) -> ReaderPool:
         """Start every process now (they then import their modules in the background)."""
-        executor = self._ensure()
-        for _ in range(self.workers):
-            executor.submit(_warm_up)
+        if self._executor is not None:
+            return self
+        # spawn, not fork: the parent may hold CUDA state and threads.
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+        )
+        # The executor spawns a process per submitted job until it has them all, so these
+        # jobs start every process here, where they can be given SIGINT ignored.
+        with _sigint_ignored_by_children():
+            for _ in range(self.workers):
+                executor.submit(_warm_up)
+        self._executor = executor
         return self
 
-    def _ensure(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            # spawn, not fork: the parent may hold CUDA state and threads.
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-            )
-        return self._executor
-
     def submit(self, job: _SlotJob) -> Future[int]:
-        return self._ensure().submit(_load_into_slot, job)
+        executor = self.start()._executor
+        assert executor is not None
+        return executor.submit(_load_into_slot, job)
 
     def reset(self) -> None:
         """Drop the processes (after one died: the next use starts new ones)."""
