@@ -221,6 +221,44 @@ def test_reader_processes_ignore_ctrl_c_from_their_start(tmp_path: Path) -> None
     assert done.returncode == 0 and "ALIVE True" in done.stdout, done.stderr
 
 
+_PARENT_KILLED = """
+import os, sys
+from hisynseg.inference.tile_loading import ReaderPool
+
+if __name__ == "__main__":
+    pool = ReaderPool(2).start()
+    pool._executor.submit(os.getpid).result(timeout=60)  # they run
+    print(*pool._executor._processes, flush=True)
+    os._exit(0)  # no clean-up, as when killed outright
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an ended child nobody reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_reader_processes_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT_KILLED)
+    # Output to a file: a pipe would stay open as long as any reader process lives.
+    with open(tmp_path / "pids.txt", "w") as out:
+        subprocess.run([sys.executable, str(script)], stdout=out, timeout=120, check=True)
+    pids = [int(pid) for pid in (tmp_path / "pids.txt").read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, pids))
+
+
 def test_process_loader_fills_slots_and_frees_its_memory(tmp_path: Path) -> None:
     image = _stained(192, 192, seed=1)
     _write_slide(tmp_path / "s.tif", image)

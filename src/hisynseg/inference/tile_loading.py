@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -267,11 +268,32 @@ def _sigint_ignored_by_children() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _start_worker() -> None:
+# Seconds between a reader process's checks that the process it reads for still exists.
+_PARENT_CHECK_SECONDS = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone.
+
+    A parent killed outright (SIGKILL, the out-of-memory killer) cannot stop its readers,
+    and an idle reader waits for work forever: it would outlive it, holding the shared
+    memory and the parent's output pipes.
+    """
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK_SECONDS)
+    os._exit(1)
+
+
+def _start_worker(parent: int) -> None:
     # Also for processes started off the main thread (see _sigint_ignored_by_children).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker decodes on its own core: more threads per worker would oversubscribe.
     cv2.setNumThreads(1)
+    # The parent's pid comes from the parent: a worker still starting when its parent
+    # dies would otherwise take its new parent (init) for the one to watch.
+    threading.Thread(
+        target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True
+    ).start()
 
 
 def _warm_up() -> None:
@@ -331,6 +353,7 @@ class ReaderPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
+            initargs=(os.getpid(),),
         )
         # The executor spawns a process per submitted job until it has them all, so these
         # jobs start every process here, where they can be given SIGINT ignored.
