@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,40 @@ def test_toy_data_rejects_unknown_dataset(
         main(["toy-data", str(tmp_path), "--dataset", "camelyon"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lightning_style", [False, True])
+def test_sigterm_stops_a_command_like_ctrl_c(
+    lightning_style: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cleaned: list[str] = []
+
+    def run(args: object) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill, mid-work
+            time.sleep(5)
+            return 0
+        except KeyboardInterrupt:
+            if lightning_style:  # Lightning cleans up, then calls sys.exit(1)
+                sys.exit(1)
+            raise
+        finally:
+            cleaned.append("temporary outputs removed")
+
+    toy_data = importlib.import_module("hisynseg.cli.toy_data")
+    monkeypatch.setattr(toy_data, "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["toy-data", "unused"]) == 143
+    assert cleaned == ["temporary outputs removed"]
+    assert "toy-data: terminated; re-run the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # main leaves no handler behind
+
+
+def test_a_command_that_exits_is_not_taken_for_terminated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    toy_data = importlib.import_module("hisynseg.cli.toy_data")
+    monkeypatch.setattr(toy_data, "run", lambda args: sys.exit(3))
+    with pytest.raises(SystemExit) as info:
+        main(["toy-data", "unused"])
+    assert info.value.code == 3

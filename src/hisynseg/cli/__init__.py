@@ -8,10 +8,14 @@ command line names them, so ``hisynseg --help`` stays fast and torch-free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from hisynseg import __version__
 from hisynseg.errors import HisynsegError
@@ -36,6 +40,48 @@ class CommandError(HisynsegError):
     """An error to report as one line on stderr with exit status 2 (no traceback)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a ``kill``, a scheduler's time limit) during a command.
+
+    A ``KeyboardInterrupt``, so the work in progress stops the way it does on Ctrl-C:
+    reader processes are stopped, temporary outputs removed, and a re-run resumes.
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """Within: SIGTERM raises :class:`Terminated` in the main thread (Python's default
+    would end the process on the spot, leaving reader processes and temporary files).
+
+    Yields:
+        The signals received so far (a list that grows).
+    """
+    received: list[int] = []
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise Terminated()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield received
+        return
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(command: str, terminated: bool) -> int:
+    print(
+        f"hisynseg {command}: {'terminated' if terminated else 'interrupted'}; "
+        "re-run the same command to resume",
+        file=sys.stderr,
+    )
+    return 143 if terminated else 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hisynseg",
@@ -57,14 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    received: list[int] = []
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt() as received:
+            return int(args.func(args) or 0)
     except HisynsegError as exc:
         print(f"hisynseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"hisynseg {args.command}: interrupted; re-run the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        return _stopped(args.command, isinstance(exc, Terminated))
+    except SystemExit:
+        # Lightning ends an interrupted fit with sys.exit(1) after its own clean-up; a
+        # scheduler's SIGTERM must still read as one.
+        if received:
+            return _stopped(args.command, True)
+        raise
