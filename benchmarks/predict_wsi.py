@@ -397,7 +397,7 @@ def _print_gil(args: argparse.Namespace, profile: Path, tiles: int, loop_seconds
     )
 
 
-def _print_memory(child: dict, record: dict) -> None:
+def _print_memory(child: dict) -> None:
     rss = child["maxrss_kib"] / 2**20
     print(
         f"peak RSS of the predict process: {rss:.2f} GiB "
@@ -424,6 +424,16 @@ def _print_reader_cost(child: dict, record: dict) -> None:
         f"tissue masks), so {readers} readers on free cores would supply "
         f"{readers / per_tile:.0f} tiles/s"
     )
+
+
+def _print_costs(
+    args: argparse.Namespace, child: dict, record: dict, gil_profile: Path | None
+) -> None:
+    """What both reports end with: memory, reader-process CPU, and the GIL with --gil."""
+    _print_memory(child)
+    _print_reader_cost(child, record)
+    if gil_profile is not None:
+        _print_gil(args, gil_profile, record["tiles_predicted"], record["seconds"])
 
 
 def _check_py_spy() -> None:
@@ -593,10 +603,7 @@ def main() -> None:
         f"forward's own warm-up is untimed too; >= 0.80: "
         f"{'met' if steady_ratio >= 0.8 else 'NOT met'})"
     )
-    _print_memory(child, record)
-    _print_reader_cost(child, record)
-    if gil_profile is not None:
-        _print_gil(args, gil_profile, record["tiles_predicted"], record["seconds"])
+    _print_costs(args, child, record, gil_profile)
     if tmp is not None:
         tmp.cleanup()
 
@@ -678,10 +685,7 @@ def _pipeline_only(args: argparse.Namespace, slide: Path, out: Path) -> None:
             f"{args.simulated_device:g} tiles/s after the first batch, "
             f"{record['tiles_per_second'] / args.simulated_device:.2f} over the whole loop"
         )
-    _print_memory(child, record)
-    _print_reader_cost(child, record)
-    if gil_profile is not None:
-        _print_gil(args, gil_profile, record["tiles_predicted"], record["seconds"])
+    _print_costs(args, child, record, gil_profile)
 
 
 if __name__ == "__main__":
