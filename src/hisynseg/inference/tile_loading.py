@@ -43,6 +43,7 @@ from hisynseg.inference.tissue import pixel_tissue_mask
 from hisynseg.slides.base import SlideReader
 
 __all__ = [
+    "CALLER_HELD_BATCHES",
     "LOADER_KINDS",
     "LoadedBatch",
     "ProcessTileLoader",
@@ -69,6 +70,11 @@ LOADER_KINDS = ("auto", "threads", "processes")
 # it read itself).
 MIN_TILES_FOR_PROCESSES = 256
 MIN_WORKERS_FOR_PROCESSES = 4
+
+# A loader's depth (batches read or held at once) is its readers plus this many: a read
+# per reader keeps every reader busy while the caller holds two batches (one with the
+# network, one blending). A caller that holds more reads that many fewer ahead.
+CALLER_HELD_BATCHES = 2
 
 Position = tuple[int, int]
 
@@ -208,7 +214,7 @@ class ThreadTileLoader:
         self.geometry = geometry
         self.tissue_threshold = tissue_threshold
         self.workers = workers
-        self.depth = workers + 2
+        self.depth = workers + CALLER_HELD_BATCHES
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
 
     def _load(self, positions: Sequence[Position]) -> LoadedBatch:
@@ -456,8 +462,7 @@ class ProcessTileLoader:
         self.path = str(path)
         self.workers = pool.workers if pool is not None else workers
         self.batch_size = batch_size
-        # Pending reads plus the batch the network holds plus the one being blended.
-        self.depth = self.workers + 2
+        self.depth = self.workers + CALLER_HELD_BATCHES
         self._shapes = ((batch_size, t, t, 3), (batch_size, t // d, t // d))
         size = _memory_bytes(self._shapes, self.depth)
         free = shared_memory_free_bytes()

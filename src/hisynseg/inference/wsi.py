@@ -635,7 +635,7 @@ def predict_slide(
             read_ahead()
             for batch in batches:
                 # Never empty here: at most one batch is launched and one blending at
-                # this point, and the loader's depth is at least workers + 2.
+                # this point, and a loader's depth is its readers + CALLER_HELD_BATCHES (2).
                 loaded = reads.popleft().result()
                 if warmup is None:
                     warmup = time.perf_counter() - start
