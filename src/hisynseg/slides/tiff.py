@@ -35,8 +35,9 @@ from hisynseg.slides.base import (
 
 __all__ = ["DEFAULT_CACHE_BYTES", "TiffSlideReader", "import_tifffile", "tiff_mpp"]
 
-# Decoded-tile cache per reader: two rows of 512² RGB tiles of an 85,000 px wide level,
-# enough for tiles of a row-by-row prediction to be decoded once.
+# Decoded-tile cache per reader: 170 stored 512² RGB tiles, one row of an 85,000 px wide
+# level. A row-by-row prediction decodes each stored tile once while two rows fit (levels
+# up to about 43,000 px wide); wider ones decode the rows that two tile rows share twice.
 DEFAULT_CACHE_BYTES = 128 * 2**20
 
 _SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
@@ -145,8 +146,9 @@ class TiffSlideReader(LevelledReader):
         self._lock = threading.Lock()
 
     def reopener(self) -> functools.partial[TiffSlideReader]:
-        # A worker reads whole batches of neighbouring tiles, so a quarter of the cache
-        # still holds the stored tiles they share.
+        # A worker process reads whole batches of neighbouring tiles, whose shared stored
+        # tiles a quarter of the cache holds; the rows above its batches were mostly read
+        # by other workers, so a larger cache would seldom be hit.
         return functools.partial(TiffSlideReader, cache_bytes=self._cache_limit // 4)
 
     @property
