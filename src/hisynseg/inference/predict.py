@@ -334,7 +334,7 @@ def predict_file(
             gmask = mask.read_all() if (gw, gh) == (wo, ho) else mask.resample_nearest(gw, gh)
             f = plan.level0_per_output
             write_mask_geojson(paths["geojson"], gmask, labels, (f * wo / gw, f * ho / gh))
-            lap = _lap(breakdown, "geojson", lap)
+            _lap(breakdown, "geojson", lap)
         write_seconds = time.perf_counter() - t0
     return {
         "size": list(reader.dimensions),
