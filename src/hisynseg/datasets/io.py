@@ -67,15 +67,23 @@ def _new_file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike[str], temp_dir: str | os.PathLike[str] | None = None
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` so that globbing for the
     final suffix never picks up a partial file.
+
+    Args:
+        path: The final file.
+        temp_dir: Where the temporary file lives instead (on the same file system as
+            ``path``, so that it can be renamed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    where = path.parent if temp_dir is None else Path(temp_dir)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

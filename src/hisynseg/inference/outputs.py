@@ -92,6 +92,7 @@ def write_mask_tiff(
     mpp: float | None = None,
     tile: int = 256,
     min_side: int = 512,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> int:
     """Write an ``H×W`` ``uint8`` canvas as a tiled pyramidal palette TIFF, atomically.
 
@@ -107,6 +108,8 @@ def write_mask_tiff(
         mpp: Microns per canvas pixel, stored as the resolution (per centimetre).
         tile: TIFF tile side (a multiple of 16).
         min_side: Stop adding levels once the longer side is at most this.
+        temp_dir: Folder of the reduced levels and the TIFF being written (default: beside
+            ``path``; on its file system).
 
     Returns:
         Number of levels written.
@@ -115,6 +118,7 @@ def write_mask_tiff(
 
     tifffile = import_tifffile(path)
     path = Path(path)
+    temp_dir = path.parent if temp_dir is None else Path(temp_dir)
     levels = [canvas]
     temps: list[DiskCanvas] = []
     try:
@@ -122,7 +126,7 @@ def write_mask_tiff(
             prev = levels[-1]
             h, w = (prev.height + 1) // 2, (prev.width + 1) // 2
             nxt = DiskCanvas.create(
-                path.parent / f".{path.name}.level{len(levels)}.tmp", (h, w), np.uint8
+                temp_dir / f".{path.name}.level{len(levels)}.tmp", (h, w), np.uint8
             )
             temps.append(nxt)
             for top, rows in prev.bands(2 * tile):
@@ -139,7 +143,7 @@ def write_mask_tiff(
             options["resolution"] = (1e4 / mpp, 1e4 / mpp)
             options["resolutionunit"] = "CENTIMETER"
         with (
-            atomic_path(path) as tmp,
+            atomic_path(path, temp_dir) as tmp,
             tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(canvas)) as tif,
         ):
             for i, level in enumerate(levels):

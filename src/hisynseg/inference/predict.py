@@ -46,6 +46,7 @@ from hisynseg.inference.outputs import (
     write_mask_geojson,
     write_mask_tiff,
 )
+from hisynseg.inference.scratch import remove_stale_scratch, scratch_folder
 from hisynseg.inference.tile_loading import LOADER_KINDS, ReaderPool, processes_may_pay
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.inference.wsi import (
@@ -283,13 +284,11 @@ def predict_file(
         )
         wo, ho = plan.output_size
         tissue = TissueDetector.fit(reader) if options.tissue_detection else None
-        mask = DiskCanvas.create(
-            out_dir / f".{name}.mask.{os.getpid()}.raw.tmp", (ho, wo), np.uint8
-        )
-        stack.callback(mask.unlink)
+        scratch = stack.enter_context(scratch_folder(out_dir))
+        mask = DiskCanvas.create(scratch / f"{name}.mask.raw", (ho, wo), np.uint8)
         probs = None
         if options.save_probs:
-            tmp = stack.enter_context(atomic_path(paths["probs"]))
+            tmp = stack.enter_context(atomic_path(paths["probs"], scratch))
             probs = DiskCanvas.create(tmp, (ho, wo, num_classes), np.float16, npy=True)
         stats = predict_slide(
             reader,
@@ -317,7 +316,9 @@ def predict_file(
             write_mask_png(paths["mask"], mask.read_all(), labels.palette)
             levels = 1
         else:
-            levels = write_mask_tiff(paths["mask"], mask, labels.palette, mpp=plan.output_mpp)
+            levels = write_mask_tiff(
+                paths["mask"], mask, labels.palette, mpp=plan.output_mpp, temp_dir=scratch
+            )
         lap = _lap(breakdown, "mask", lap)
         ow, oh = _fit(wo, ho, math.inf, options.overlay_max_side)
         small = mask.resample_nearest(ow, oh)
@@ -432,6 +433,14 @@ def predict_inputs(
         result.seconds = round(time.perf_counter() - start, 3)
         return result
 
+    for stale in remove_stale_scratch(out_dir):
+        log.warning(
+            "removed %s: %.1f MiB of temporary files left by an earlier prediction "
+            "(process %d) that was killed",
+            stale.path,
+            stale.size / 2**20,
+            stale.pid,
+        )
     save(False)
     # Reader processes, when they will be wanted, start now: their imports then overlap
     # the first slide's opening and tissue detection, and they serve every slide.

@@ -1,0 +1,115 @@
+"""Scratch folders for the large temporary files of a prediction, and their clean-up.
+
+Predicting a slide keeps files of up to several GiB beside its outputs while it runs: the
+mask canvas, the reduced levels of the pyramidal mask, a TIFF or probability map being
+written. They are removed when prediction ends, even by an exception or Ctrl-C, but not
+when the process is killed outright (SIGKILL, the out-of-memory killer, a lost node). So
+they all live in one folder per prediction, named after the host and the process, and the
+next run into the same output folder deletes the folders of processes of this host that
+no longer exist. A folder of another host (a shared file system) or of a live process is
+never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = ["SCRATCH_PREFIX", "StaleScratch", "remove_stale_scratch", "scratch_folder"]
+
+SCRATCH_PREFIX = ".hisynseg-scratch."
+
+
+def _host() -> str:
+    # Dots are kept: a folder name is parsed from its right (``.pid.random``).
+    return socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new folder in ``parent`` for this process's temporary files, removed on exit.
+
+    Being in ``parent`` keeps it on the outputs' file system, so files finished in it can
+    be renamed into place.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class StaleScratch(NamedTuple):
+    """A scratch folder removed because its process had ended.
+
+    Attributes:
+        path: The folder.
+        pid: The process that had made it.
+        size: Bytes it held.
+    """
+
+    path: Path
+    pid: int
+    size: int
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """``(host, pid)`` of a scratch folder's name, or ``None`` for any other name."""
+    if not name.startswith(SCRATCH_PREFIX):
+        return None
+    parts = name[len(SCRATCH_PREFIX) :].rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def remove_stale_scratch(parent: str | os.PathLike[str]) -> list[StaleScratch]:
+    """Delete the scratch folders in ``parent`` left by ended processes of this host.
+
+    Returns:
+        What was removed (nothing where processes cannot be probed safely, on Windows).
+    """
+    parent = Path(parent)
+    # os.kill(pid, 0) on Windows would terminate the process rather than probe it.
+    if os.name == "nt" or not parent.is_dir():
+        return []
+    host, removed = _host(), []
+    for entry in sorted(parent.iterdir()):
+        owner = _owner(entry.name)
+        if owner is None or owner[0] != host or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = owner[1]
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        size = _size(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(StaleScratch(entry, pid, size))
+    return removed
