@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -49,6 +50,8 @@ def test_only_folders_of_ended_processes_of_this_host_are_removed(tmp_path: Path
     alive = _folder(tmp_path, _host(), os.getppid())
     mine = _folder(tmp_path, _host(), os.getpid())
     elsewhere = _folder(tmp_path, "another.host", _ended_pid())
+    # The same host name in another container (PID namespace): its pids are not ours.
+    container = _folder(tmp_path, f"{socket.gethostname()}-1", _ended_pid())
     unrelated = tmp_path / ".hisynseg-scratch.notes"
     unrelated.mkdir()
     removed = remove_stale_scratch(tmp_path)
@@ -56,6 +59,7 @@ def test_only_folders_of_ended_processes_of_this_host_are_removed(tmp_path: Path
     assert removed[0].pid == int(dead.name.split(".")[-2])
     assert not dead.exists()
     assert alive.is_dir() and mine.is_dir() and elsewhere.is_dir() and unrelated.is_dir()
+    assert container.is_dir()
     assert remove_stale_scratch(tmp_path / "missing") == []
 
 

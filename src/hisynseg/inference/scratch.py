@@ -4,10 +4,10 @@ Predicting a slide keeps files of up to several GiB beside its outputs while it 
 mask canvas, the reduced levels of the pyramidal mask, a TIFF or probability map being
 written. They are removed when prediction ends, even by an exception or Ctrl-C, but not
 when the process is killed outright (SIGKILL, the out-of-memory killer, a lost node). So
-they all live in one folder per prediction, named after the host and the process, and the
-next run into the same output folder deletes the folders of processes of this host that
-no longer exist. A folder of another host (a shared file system) or of a live process is
-never touched.
+they all live in one folder per prediction, named after the host (and PID namespace) and
+the process, and the next run into the same output folder deletes the folders of
+processes of this host that no longer exist. A folder of another host or container (a
+shared file system) or of a live process is never touched.
 """
 
 from __future__ import annotations
@@ -27,8 +27,17 @@ SCRATCH_PREFIX = ".hisynseg-scratch."
 
 
 def _host() -> str:
-    # Dots are kept: a folder name is parsed from its right (``.pid.random``).
-    return socket.gethostname().replace(os.sep, "_") or "localhost"
+    """Where this process's id means this process: the host name, and on Linux the PID
+    namespace, since containers that share an output folder can share a host name too.
+
+    Dots may stay in it: a folder name is parsed from its right (``.pid.random``).
+    """
+    host = socket.gethostname().replace(os.sep, "_") or "localhost"
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    return f"{host}-{''.join(c for c in namespace if c.isdigit())}"
 
 
 @contextlib.contextmanager
