@@ -48,17 +48,19 @@ def _folder(parent: Path, host: str, pid: int, size: int = 0) -> Path:
 def test_only_folders_of_ended_processes_of_this_host_are_removed(tmp_path: Path) -> None:
     dead = _folder(tmp_path, _host(), _ended_pid(), size=3000)
     alive = _folder(tmp_path, _host(), os.getppid())
-    mine = _folder(tmp_path, _host(), os.getpid())
+    mine = _folder(tmp_path, _host(), os.getpid())  # this process's, no longer used
     elsewhere = _folder(tmp_path, "another.host", _ended_pid())
     # The same host name in another container (PID namespace): its pids are not ours.
     container = _folder(tmp_path, f"{socket.gethostname()}-1", _ended_pid())
     unrelated = tmp_path / ".hisynseg-scratch.notes"
     unrelated.mkdir()
-    removed = remove_stale_scratch(tmp_path)
-    assert [(r.path, r.size) for r in removed] == [(dead, 3000)]
-    assert removed[0].pid == int(dead.name.split(".")[-2])
-    assert not dead.exists()
-    assert alive.is_dir() and mine.is_dir() and elsewhere.is_dir() and unrelated.is_dir()
+    with scratch_folder(tmp_path) as in_use:
+        removed = remove_stale_scratch(tmp_path)
+        assert in_use.is_dir()
+    assert sorted((r.path, r.size) for r in removed) == sorted([(dead, 3000), (mine, 0)])
+    assert {r.pid for r in removed} == {int(dead.name.split(".")[-2]), os.getpid()}
+    assert not dead.exists() and not mine.exists()
+    assert alive.is_dir() and elsewhere.is_dir() and unrelated.is_dir()
     assert container.is_dir()
     assert remove_stale_scratch(tmp_path / "missing") == []
 
@@ -72,6 +74,15 @@ def test_a_scratch_folder_is_removed_when_its_block_ends_even_by_an_error(
         (folder / "big.raw").write_bytes(b"x" * 100)
         raise RuntimeError("prediction failed")
     assert not folder.exists()
+    # Unless it holds what a later run wants, and the block was cut short.
+    worth_keeping = lambda folder: (folder / "progress").exists()  # noqa: E731
+    with pytest.raises(KeyboardInterrupt), scratch_folder(tmp_path, worth_keeping) as kept:
+        (kept / "progress").touch()
+        raise KeyboardInterrupt
+    assert kept.is_dir()
+    with scratch_folder(tmp_path, worth_keeping) as done:
+        (done / "progress").touch()
+    assert not done.exists()
 
 
 def _slide(path: Path) -> None:
@@ -124,7 +135,7 @@ def test_the_next_prediction_removes_what_a_killed_one_left(
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert len(hidden) == 1 and hidden[0].startswith(f"{SCRATCH_PREFIX}{_host()}.{child.pid}.")
     left = sorted(p.name for p in (out / hidden[0]).iterdir())
-    assert left[0].startswith(".slide.probs.npy.") and left[1] == "slide.mask.raw"
+    assert left == ["slide.mask.raw", "slide.probs.npy"]
     assert (out / hidden[0] / "slide.mask.raw").stat().st_size == 192 * 192
 
     def backend(tiles: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,8 +28,9 @@ palette TIFF for TIFF/slide inputs), NAME.overlay.png, NAME.areas.csv (µm² whe
 resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File > Import
 objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
 versions, status of every input). Inputs whose outputs exist are skipped unless
---overwrite. A failing input is reported and skipped; the exit status is 0 when all
-inputs succeeded, 1 otherwise.
+--overwrite. A slide's progress is saved every minute: re-running the same command after
+Ctrl-C, a time limit or a crash goes on from there. A failing input is reported and
+skipped; the exit status is 0 when all inputs succeeded, 1 otherwise.
 
 CKPT may be a checkpoint or export (torch) or an .onnx file from 'hisynseg export'
 (onnxruntime: pip install "hisynseg[onnx]").
@@ -188,11 +190,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result.input}: skipped, outputs exist")
         else:
             d = result.details
+            resumed = d.get("tiles_resumed", 0)
+            earlier = f", {resumed} of them from the interrupted run" if resumed else ""
             print(
                 f"{result.input}: {d['tiles_predicted']} of {d['tiles_total']} tiles "
-                f"({d['tiles_with_tissue']} with tissue), {result.seconds:.1f} s "
+                f"({d['tiles_with_tissue']} with tissue{earlier}), {result.seconds:.1f} s "
                 f"-> {result.outputs['mask']}"
             )
+
+    # A slide's saved progress is resumed only by the same model file run the same way
+    # (on any device: the masks differ by float rounding at most).
+    stat = Path(args.checkpoint).stat()
+    how = {k: v for k, v in backend.describe().items() if k != "device"}
+    model_key = json.dumps(
+        [str(Path(args.checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, how]
+    )
 
     results = predict_inputs(
         inputs,
@@ -207,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             **backend.describe(),
         },
         report=report,
+        model_key=model_key,
     )
     failed = [r for r in results if r.status == "failed"]
     ok = sum(r.status == "ok" for r in results)

@@ -62,27 +62,45 @@ class DiskCanvas:
             dtype: Element type.
             npy: Write a ``.npy`` header so that numpy can open the file by itself.
         """
-        path = Path(path)
+        canvas, header = cls._laid_out(path, shape, dtype, npy)
+        with open(canvas.path, "wb") as fh:
+            fh.write(header)
+            fh.truncate(canvas.offset + canvas.height * canvas.row_bytes)
+        return canvas
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        shape: tuple[int, ...],
+        dtype: np.dtype | type,
+        npy: bool = False,
+    ) -> DiskCanvas:
+        """A canvas :meth:`create` made earlier with the same arguments, rows kept.
+
+        Raises:
+            ValueError: The file's size or header does not fit ``shape`` and ``dtype``.
+            OSError: The file cannot be read.
+        """
+        canvas, header = cls._laid_out(path, shape, dtype, npy)
+        with open(canvas.path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if (
+                fh.read(len(header)) != header
+                or size != canvas.offset + canvas.height * canvas.row_bytes
+            ):
+                raise ValueError(f"{canvas.path}: not a canvas of {canvas.shape} {canvas.dtype}")
+        return canvas
+
+    @classmethod
+    def _laid_out(
+        cls, path: str | os.PathLike[str], shape: tuple[int, ...], dtype: np.dtype | type, npy: bool
+    ) -> tuple[DiskCanvas, bytes]:
+        """The canvas of a file laid out as :meth:`create` writes it, and its header."""
         dtype = np.dtype(dtype)
         shape = tuple(int(s) for s in shape)
-        header = b""
-        if npy:
-            import io
-
-            buf = io.BytesIO()
-            np.lib.format.write_array_header_1_0(
-                buf,
-                {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                },
-            )
-            header = buf.getvalue()
-        with open(path, "wb") as fh:
-            fh.write(header)
-            fh.truncate(len(header) + int(np.prod(shape)) * dtype.itemsize)
-        return cls(path, shape, dtype, offset=len(header))
+        header = _npy_header(shape, dtype) if npy else b""
+        return cls(path, shape, dtype, offset=len(header)), header
 
     @property
     def height(self) -> int:
@@ -151,3 +169,14 @@ class DiskCanvas:
     def unlink(self) -> None:
         """Delete the file."""
         self.path.unlink(missing_ok=True)
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf,
+        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape},
+    )
+    return buf.getvalue()

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hisynseg.datasets.io import atomic_path, atomic_write_json, write_mask_png, write_rgb_png
+from hisynseg.datasets.io import atomic_write_json, write_mask_png, write_rgb_png
 from hisynseg.errors import HisynsegError
 from hisynseg.evaluation.visualize import overlay_mask
 from hisynseg.inference.canvas import DiskCanvas
@@ -46,7 +46,20 @@ from hisynseg.inference.outputs import (
     write_mask_geojson,
     write_mask_tiff,
 )
-from hisynseg.inference.scratch import remove_stale_scratch, scratch_folder
+from hisynseg.inference.resume import (
+    PROGRESS_SUFFIX,
+    SlideProgress,
+    adopt_progress,
+    fingerprint,
+    has_progress,
+    saved_progress_names,
+)
+from hisynseg.inference.scratch import (
+    ended_scratch_folders,
+    remove_stale_scratch,
+    scratch_folder,
+    scratch_size,
+)
 from hisynseg.inference.tile_loading import LOADER_KINDS, ReaderPool, processes_may_pay
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.inference.wsi import (
@@ -101,6 +114,9 @@ class PredictOptions:
             ``None``: one per CPU core, at most eight.
         tile_loader: ``auto``, ``threads`` or ``processes``: what reads the tiles
             (:func:`hisynseg.inference.tile_loading.choose_loader`).
+        progress_every: Seconds between two saves of a slide's progress, which an
+            interrupted prediction resumes from (with a model key; see
+            :func:`predict_file`).
     """
 
     tile: int = 512
@@ -123,6 +139,7 @@ class PredictOptions:
     progress: bool = True
     workers: int | None = None
     tile_loader: str = "auto"
+    progress_every: float = 60.0
 
     def check(self) -> None:
         """Raise :class:`PredictionError` for values that cannot work."""
@@ -146,6 +163,10 @@ class PredictOptions:
                 raise PredictionError(f"{name} must be a positive number of µm/px, got {value}")
         if self.blend not in BLEND_MODES:
             raise PredictionError(f"unknown blending {self.blend!r}")
+        if not self.progress_every >= 0:
+            raise PredictionError(
+                f"progress_every must be a number of seconds >= 0, got {self.progress_every}"
+            )
         if self.mask_format not in MASK_FORMATS:
             raise PredictionError(f"unknown mask format {self.mask_format!r}")
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -235,6 +256,52 @@ def _lap(times: dict[str, float], key: str, since: float) -> float:
     return now
 
 
+def _progress_fingerprint(
+    path: Path, name: str, options: PredictOptions, plan: dict[str, Any], model_key: str
+) -> str:
+    """What a saved progress of this prediction must have been saved with."""
+    stat = path.stat()
+    settings = ("tile", "overlap", "target_mpp", "mpp", "blend", "tissue_detection")
+    settings += ("min_tissue", "max_tiles", "save_probs")
+    return fingerprint(
+        input=[str(path.resolve()), stat.st_size, stat.st_mtime_ns],
+        name=name,
+        model=model_key,
+        options={k: getattr(options, k) for k in settings},
+        plan=plan,
+        hisynseg=_version("hisynseg"),
+    )
+
+
+def _open_canvases(
+    scratch: Path,
+    name: str,
+    size: tuple[int, int],
+    num_classes: int,
+    options: PredictOptions,
+    adopted: tuple[SlideProgress, Path] | None,
+) -> tuple[DiskCanvas, DiskCanvas | None, SlideProgress | None]:
+    """The mask and probability canvases in ``scratch``: those of adopted progress (and
+    the progress) when they are intact, new ones otherwise."""
+    mask_path = scratch / f"{name}.mask.raw"
+    probs_path = scratch / f"{name}.probs.npy"
+    probs_shape = (*size, num_classes)
+    if adopted is not None:
+        try:
+            mask = DiskCanvas.open(mask_path, size, np.uint8)
+            probs = None
+            if options.save_probs:
+                probs = DiskCanvas.open(probs_path, probs_shape, np.float16, npy=True)
+            return mask, probs, adopted[0]
+        except (OSError, ValueError) as exc:
+            log.warning("%s; predicting from the start", exc)
+    mask = DiskCanvas.create(mask_path, size, np.uint8)
+    probs = None
+    if options.save_probs:
+        probs = DiskCanvas.create(probs_path, probs_shape, np.float16, npy=True)
+    return mask, probs, None
+
+
 def predict_file(
     path: str | os.PathLike[str],
     predict: Callable[[np.ndarray], np.ndarray],
@@ -244,8 +311,14 @@ def predict_file(
     options: PredictOptions,
     name: str | None = None,
     reader_pool: ReaderPool | None = None,
+    model_key: str | None = None,
 ) -> dict[str, Any]:
     """Predict one image or slide and write its outputs.
+
+    With a ``model_key``, the tile loop's progress is saved every minute in the
+    prediction's scratch folder and kept when the prediction is interrupted, and a
+    prediction of the same input into the same folder with the same model key, options
+    and tile plan goes on from there (:mod:`hisynseg.inference.resume`).
 
     Args:
         path: The input file.
@@ -257,6 +330,8 @@ def predict_file(
         name: Output base name (default: the file's stem).
         reader_pool: Tile reader processes kept for the whole run (when the slide is
             read with processes).
+        model_key: What identifies the model and how it is run (e.g. the checkpoint file
+            and TTA); ``None``: no progress is saved or resumed.
 
     Returns:
         Details: the tile plan, tile counts, timings, output paths.
@@ -284,12 +359,23 @@ def predict_file(
         )
         wo, ho = plan.output_size
         tissue = TissueDetector.fit(reader) if options.tissue_detection else None
-        scratch = stack.enter_context(scratch_folder(out_dir))
-        mask = DiskCanvas.create(scratch / f"{name}.mask.raw", (ho, wo), np.uint8)
-        probs = None
-        if options.save_probs:
-            tmp = stack.enter_context(atomic_path(paths["probs"], scratch))
-            probs = DiskCanvas.create(tmp, (ho, wo, num_classes), np.float16, npy=True)
+        scratch = stack.enter_context(scratch_folder(out_dir, keep=has_progress))
+        expected = None
+        if model_key is not None:
+            expected = _progress_fingerprint(path, name, options, plan.to_dict(), model_key)
+        adopted = adopt_progress(out_dir, name, expected, scratch) if expected else None
+        canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
+        mask, probs, resume = canvases
+        if resume is not None and adopted is not None:
+            log.info("%s: resuming at tile %d (progress of %s)", path, resume.next_tile, adopted[1])
+        save_progress = None
+        if expected is not None:
+            progress_file = scratch / f"{name}{PROGRESS_SUFFIX}"
+
+            def save_progress(progress: SlideProgress) -> None:
+                progress.fingerprint = expected
+                progress.save(progress_file)
+
         stats = predict_slide(
             reader,
             predict,
@@ -308,6 +394,9 @@ def predict_file(
             workers=options.workers,
             tile_loader=options.tile_loader,
             reader_pool=reader_pool,
+            resume=resume,
+            save_progress=save_progress,
+            progress_every=options.progress_every,
         )
         t0 = time.perf_counter()
         breakdown: dict[str, float] = {}
@@ -336,6 +425,8 @@ def predict_file(
             f = plan.level0_per_output
             write_mask_geojson(paths["geojson"], gmask, labels, (f * wo / gw, f * ho / gh))
             _lap(breakdown, "geojson", lap)
+        if probs is not None:
+            os.replace(probs.path, paths["probs"])
         write_seconds = time.perf_counter() - t0
     return {
         "size": list(reader.dimensions),
@@ -360,6 +451,7 @@ def predict_inputs(
     options: PredictOptions,
     run_info: dict[str, Any] | None = None,
     report: Callable[[InputResult], None] | None = None,
+    model_key: str | None = None,
 ) -> list[InputResult]:
     """Predict every input, going on past failures; keep ``out_dir/predict.json`` current.
 
@@ -372,6 +464,9 @@ def predict_inputs(
         options: Settings.
         run_info: Extra entries for ``predict.json`` (checkpoint, backend, ...).
         report: Called with each input's result as soon as it is known.
+        model_key: What identifies the model and how it is run; with it, slides save
+            their progress and an interrupted prediction resumes
+            (see :func:`predict_file`).
 
     Returns:
         One result per input, in order.
@@ -414,10 +509,19 @@ def predict_inputs(
                 str(path), name, "skipped", {k: str(v) for k, v in expected.items()}
             )
             result.details["reason"] = "outputs exist (use --overwrite to predict again)"
+            adopt_progress(out_dir, name, None, None)  # a leftover could never be resumed
         else:
             try:
                 details = predict_file(
-                    path, predict, num_classes, labels, out_dir, options, name, reader_pool
+                    path,
+                    predict,
+                    num_classes,
+                    labels,
+                    out_dir,
+                    options,
+                    name,
+                    reader_pool,
+                    model_key=model_key,
                 )
                 result = InputResult(str(path), name, "ok", details.pop("outputs"), details=details)
             except (KeyboardInterrupt, SystemExit):
@@ -433,7 +537,18 @@ def predict_inputs(
         result.seconds = round(time.perf_counter() - start, 3)
         return result
 
-    for stale in remove_stale_scratch(out_dir):
+    for folder in ended_scratch_folders(out_dir):
+        for saved in saved_progress_names(folder):
+            if saved not in names:
+                log.warning(
+                    "%s holds %.1f MiB of progress of an interrupted prediction of %s: "
+                    "predicting it again into %s resumes it (or delete the folder)",
+                    folder,
+                    scratch_size(folder) / 2**20,
+                    saved,
+                    out_dir,
+                )
+    for stale in remove_stale_scratch(out_dir, keep=has_progress):
         log.warning(
             "removed %s: %.1f MiB of temporary files left by an earlier prediction "
             "(process %d) that was killed",

@@ -17,11 +17,18 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["SCRATCH_PREFIX", "StaleScratch", "remove_stale_scratch", "scratch_folder"]
+__all__ = [
+    "SCRATCH_PREFIX",
+    "StaleScratch",
+    "ended_scratch_folders",
+    "remove_stale_scratch",
+    "scratch_folder",
+    "scratch_size",
+]
 
 SCRATCH_PREFIX = ".hisynseg-scratch."
 
@@ -40,20 +47,39 @@ def _host() -> str:
     return f"{host}-{''.join(c for c in namespace if c.isdigit())}"
 
 
+# Scratch folders this process is using: an interrupted prediction's folder, left for a
+# later one to resume, counts as ended even though its process is this one.
+_ACTIVE: set[Path] = set()
+
+
 @contextlib.contextmanager
-def scratch_folder(parent: str | os.PathLike[str]) -> Iterator[Path]:
+def scratch_folder(
+    parent: str | os.PathLike[str], keep: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """A new folder in ``parent`` for this process's temporary files, removed on exit.
 
     Being in ``parent`` keeps it on the outputs' file system, so files finished in it can
     be renamed into place.
+
+    Args:
+        parent: The output folder.
+        keep: Asked when the block ends with an exception (Ctrl-C included): whether the
+            folder holds something worth keeping for a later run (saved progress).
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.", dir=parent))
+    _ACTIVE.add(folder)
     try:
         yield folder
-    finally:
+    except BaseException:
+        if keep is None or not keep(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    else:
         shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        _ACTIVE.discard(folder)
 
 
 class StaleScratch(NamedTuple):
@@ -90,7 +116,8 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _size(folder: Path) -> int:
+def scratch_size(folder: Path) -> int:
+    """Bytes of the files in a folder."""
     total = 0
     for path in folder.rglob("*"):
         with contextlib.suppress(OSError):
@@ -99,26 +126,47 @@ def _size(folder: Path) -> int:
     return total
 
 
-def remove_stale_scratch(parent: str | os.PathLike[str]) -> list[StaleScratch]:
-    """Delete the scratch folders in ``parent`` left by ended processes of this host.
-
-    Returns:
-        What was removed (nothing where processes cannot be probed safely, on Windows).
-    """
+def ended_scratch_folders(parent: str | os.PathLike[str]) -> list[Path]:
+    """The scratch folders in ``parent`` of processes of this host that have ended (and
+    this process's own that it no longer uses); none where processes cannot be probed
+    safely (Windows)."""
     parent = Path(parent)
     # os.kill(pid, 0) on Windows would terminate the process rather than probe it.
     if os.name == "nt" or not parent.is_dir():
         return []
-    host, removed = _host(), []
+    host, ended = _host(), []
     for entry in sorted(parent.iterdir()):
         owner = _owner(entry.name)
         if owner is None or owner[0] != host or entry.is_symlink() or not entry.is_dir():
             continue
         pid = owner[1]
-        if pid == os.getpid() or _process_exists(pid):
+        if pid == os.getpid():
+            if entry not in _ACTIVE:
+                ended.append(entry)
+        elif not _process_exists(pid):
+            ended.append(entry)
+    return ended
+
+
+def remove_stale_scratch(
+    parent: str | os.PathLike[str], keep: Callable[[Path], bool] | None = None
+) -> list[StaleScratch]:
+    """Delete the scratch folders in ``parent`` left by ended processes of this host.
+
+    Args:
+        parent: The output folder.
+        keep: Folders for which this is true stay (saved progress a later run resumes).
+
+    Returns:
+        What was removed.
+    """
+    removed = []
+    for folder in ended_scratch_folders(parent):
+        if keep is not None and keep(folder):
             continue
-        size = _size(entry)
-        shutil.rmtree(entry, ignore_errors=True)
-        if not entry.exists():
-            removed.append(StaleScratch(entry, pid, size))
+        owner = _owner(folder.name)
+        size = scratch_size(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        if owner is not None and not folder.exists():
+            removed.append(StaleScratch(folder, owner[1], size))
     return removed

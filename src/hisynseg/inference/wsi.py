@@ -50,6 +50,7 @@ import numpy as np
 
 from hisynseg.errors import HisynsegError
 from hisynseg.inference.canvas import DiskCanvas
+from hisynseg.inference.resume import SlideProgress, tiles_digest
 from hisynseg.inference.sliding import ProbabilityMerger, window_starts
 from hisynseg.inference.tile_loading import (
     LOADER_KINDS,
@@ -323,6 +324,15 @@ class _BandAccumulator:
             m.weights[self.rows - n :] = 0
             self.top += n
 
+    def restore(self, top: int, sums: np.ndarray, weights: np.ndarray) -> None:
+        """Continue from a saved band (its top row, sums and weights)."""
+        m = self.merger
+        if sums.shape != m.sums.shape or weights.shape != m.weights.shape:
+            raise ValueError(f"a saved band of {sums.shape} for one of {m.sums.shape}")
+        m.sums[:] = sums
+        m.weights[:] = weights
+        self.top = top
+
 
 @dataclass
 class SlidePrediction:
@@ -342,6 +352,7 @@ class SlidePrediction:
         warmup_seconds: From the start until the first batch was read (the tissue test,
             starting the readers, reading the first batch): what a whole slide costs
             before its tiles flow.
+        tiles_resumed: Of ``tiles_predicted``, those an interrupted earlier run had done.
     """
 
     counts: np.ndarray
@@ -354,23 +365,30 @@ class SlidePrediction:
     tile_loader: str = "threads"
     workers: int = 1
     warmup_seconds: float = 0.0
+    tiles_resumed: int = 0
+
+    @property
+    def tiles_run(self) -> int:
+        """Tiles this run put through the network."""
+        return self.tiles_predicted - self.tiles_resumed
 
     @property
     def steady_tiles_per_second(self) -> float | None:
         """Tiles per second once the first batch was read (the pipeline's own pace)."""
         flowing = self.seconds - self.warmup_seconds
-        return self.tiles_predicted / flowing if flowing > 0 and self.tiles_predicted else None
+        return self.tiles_run / flowing if flowing > 0 and self.tiles_run else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tiles_total": self.tiles_total,
             "tiles_with_tissue": self.tiles_with_tissue,
             "tiles_predicted": self.tiles_predicted,
+            "tiles_resumed": self.tiles_resumed,
             "tissue_threshold": self.tissue_threshold,
             "seconds": round(self.seconds, 3),
             "predict_seconds": round(self.predict_seconds, 3),
-            "tiles_per_second": round(self.tiles_predicted / self.seconds, 3)
-            if self.seconds > 0
+            "tiles_per_second": round(self.tiles_run / self.seconds, 3)
+            if self.seconds > 0 and self.tiles_run
             else None,
             "tile_loader": self.tile_loader,
             "workers": self.workers,
@@ -454,6 +472,9 @@ def predict_slide(
     workers: int | None = None,
     tile_loader: str = "auto",
     reader_pool: ReaderPool | None = None,
+    resume: SlideProgress | None = None,
+    save_progress: Callable[[SlideProgress], None] | None = None,
+    progress_every: float = 60.0,
 ) -> SlidePrediction:
     """Predict a slide tile by tile into ``mask_out`` (and ``probs_out``).
 
@@ -484,6 +505,12 @@ def predict_slide(
         reader_pool: Reader processes started beforehand (and kept for other slides);
             its size replaces ``workers``. ``None``: processes, when chosen, are started
             for this slide.
+        resume: Progress saved by an interrupted run with these canvases: its tiles are
+            not predicted again (ignored, with a warning, if its tile list differs).
+        save_progress: Called between batches, at most every ``progress_every`` seconds,
+            and once at the end, with the loop's progress (its arrays are live: save
+            them before returning).
+        progress_every: Seconds between two saves of the progress.
 
     Returns:
         Counts per class and tile statistics.
@@ -520,6 +547,27 @@ def predict_slide(
     channels = num_classes + (1 if tissue is not None else 0)
     band = _BandAccumulator(channels, t // d, wo)
     counts = np.zeros(256, np.int64)
+    digest = tiles_digest(tiles) if resume is not None or save_progress is not None else ""
+    first = 0
+    if resume is not None:
+        if resume.tiles != digest or not 0 <= resume.next_tile <= len(tiles):
+            log.warning(
+                "%s: saved progress is for other tiles; predicting from the start", description
+            )
+        else:
+            band.restore(resume.band_top, resume.sums, resume.weights)
+            counts[:] = resume.counts
+            first = resume.next_tile
+    last_save = time.perf_counter()
+
+    def save_now(next_tile: int) -> None:
+        nonlocal last_save
+        if save_progress is None:
+            return
+        m = band.merger
+        save_progress(SlideProgress(next_tile, band.top, m.sums, m.weights, counts, digest))
+        last_save = time.perf_counter()
+
     pooled = getattr(predict, "pooled", None)
     launch = getattr(predict, "launch", None)
 
@@ -567,8 +615,9 @@ def predict_slide(
             )
 
     def blend_batch(
-        batch: Sequence[tuple[int, int]], probs: np.ndarray, loaded: LoadedBatch
+        batch: Sequence[tuple[int, int]], probs: np.ndarray, loaded: LoadedBatch, end: int
     ) -> None:
+        """Blend a batch; ``end``: index after its last tile in ``tiles``."""
         shares = loaded.shares
         for i, (top, left) in enumerate(batch):
             p = probs[i]
@@ -578,8 +627,12 @@ def predict_slide(
                 emit(*chunk)
             band.add(p, top // d, left // d, weight)
         loaded.release()
+        # Here, in the one blending thread, every tile before ``end`` and none after it
+        # is in the band or the canvases: a consistent point to save.
+        if time.perf_counter() - last_save >= progress_every:
+            save_now(end)
 
-    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    batches = [tiles[i : i + batch_size] for i in range(first, len(tiles), batch_size)]
     predict_seconds = 0.0
     warmup: float | None = None
     accelerated = runs_on_accelerator(predict)
@@ -594,7 +647,7 @@ def predict_slide(
         accelerated,
         reader_pool,
     )
-    bar = tqdm(total=len(tiles), desc=description, unit="tile", disable=not progress)
+    bar = tqdm(total=len(tiles), initial=first, desc=description, unit="tile", disable=not progress)
     try:
         # The loader keeps batches read ahead; its depth bounds those plus the batches
         # held here (launched, or blending). The network runs in this thread (its large
@@ -606,6 +659,7 @@ def predict_slide(
         with ThreadPoolExecutor(max_workers=1) as blender:
             reads: deque[Future[LoadedBatch]] = deque()
             launched: deque[tuple[Sequence[tuple[int, int]], LoadedBatch, Any]] = deque()
+            ends = iter(range(first + batch_size, len(tiles) + batch_size, batch_size))
             queued = 0
             blending: Future[None] | None = None
 
@@ -629,7 +683,8 @@ def predict_slide(
                 check_shape(probs, len(batch), t // d)
                 if blending is not None:
                     blending.result()
-                blending = blender.submit(blend_batch, batch, probs, loaded)
+                end = min(next(ends), len(tiles))
+                blending = blender.submit(blend_batch, batch, probs, loaded, end)
                 bar.update(len(batch))
 
             read_ahead()
@@ -652,6 +707,7 @@ def predict_slide(
                 blending.result()
         for chunk in band.flush(ho):
             emit(*chunk)
+        save_now(len(tiles))
     finally:
         bar.close()
         loader.close()
@@ -666,4 +722,5 @@ def predict_slide(
         predict_seconds=predict_seconds,
         tile_loader=loader.kind,
         workers=loader.workers,
+        tiles_resumed=first,
     )

@@ -1,0 +1,185 @@
+"""Picking up a slide's prediction where an interrupted run left it.
+
+A large slide on a CPU takes hours, and a batch scheduler's time limit, Ctrl-C or a killed
+node would otherwise throw all of it away. Every so often, between two batches, the tile
+loop saves its progress (:class:`SlideProgress`: the next tile, the blended sums of the
+band of rows still open, the class counts of the rows written) beside the mask canvas
+in the prediction's scratch folder (:mod:`hisynseg.inference.scratch`). The rows above
+the band are already in the canvas files. A later prediction of the same input into the
+same folder, with the same model, options and tile plan (the :func:`fingerprint`),
+adopts those files (:func:`adopt_progress`) and goes on from the next tile; the blending
+sums are restored exactly, so the outputs equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hisynseg.inference.scratch import ended_scratch_folders
+
+__all__ = [
+    "PROGRESS_SUFFIX",
+    "SlideProgress",
+    "adopt_progress",
+    "fingerprint",
+    "has_progress",
+    "saved_progress_names",
+    "tiles_digest",
+]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SUFFIX = ".progress.npz"
+
+
+def tiles_digest(tiles: Sequence[tuple[int, int]]) -> str:
+    """A short hash of a tile list (positions, in order)."""
+    data = np.asarray(tiles, dtype=np.int64).tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint(**parts: Any) -> str:
+    """A hash of everything a saved progress must agree with (JSON-serialisable parts)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass
+class SlideProgress:
+    """Where a slide's tile loop stands, between two batches.
+
+    Attributes:
+        next_tile: Tiles before this index (of the loop's tile list) are blended.
+        band_top: First output row not yet written to the canvases.
+        sums: ``C×R×W`` blended sums of the band of rows from ``band_top``.
+        weights: ``R×W`` blending weights of that band.
+        counts: Output pixels per mask value in the rows written (256 entries).
+        tiles: :func:`tiles_digest` of the loop's tile list.
+        fingerprint: What the prediction must agree with to go on from here.
+    """
+
+    next_tile: int
+    band_top: int
+    sums: np.ndarray
+    weights: np.ndarray
+    counts: np.ndarray
+    tiles: str
+    fingerprint: str = ""
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to ``path`` atomically (a kill mid-write leaves the previous one)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {
+            "next_tile": self.next_tile,
+            "band_top": self.band_top,
+            "tiles": self.tiles,
+            "fingerprint": self.fingerprint,
+        }
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
+                sums=self.sums,
+                weights=self.weights,
+                counts=self.counts,
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SlideProgress:
+        """Read what :meth:`save` wrote.
+
+        Raises:
+            ValueError, OSError: The file is not a saved progress.
+        """
+        with np.load(path) as data:
+            meta = json.loads(data["meta"].tobytes().decode("utf-8"))
+            return cls(
+                next_tile=int(meta["next_tile"]),
+                band_top=int(meta["band_top"]),
+                sums=np.array(data["sums"], np.float32),
+                weights=np.array(data["weights"], np.float32),
+                counts=np.array(data["counts"], np.int64),
+                tiles=str(meta["tiles"]),
+                fingerprint=str(meta["fingerprint"]),
+            )
+
+
+def saved_progress_names(folder: Path) -> list[str]:
+    """The inputs (output base names) whose progress a scratch folder holds."""
+    try:
+        return [p.name[: -len(PROGRESS_SUFFIX)] for p in folder.glob(f"*{PROGRESS_SUFFIX}")]
+    except OSError:
+        return []
+
+
+def has_progress(folder: Path) -> bool:
+    """Whether a scratch folder holds a slide's saved progress."""
+    return bool(saved_progress_names(folder))
+
+
+def _read_fingerprint(path: Path) -> str | None:
+    try:
+        with np.load(path) as data:
+            return str(json.loads(data["meta"].tobytes().decode("utf-8"))["fingerprint"])
+    except Exception:  # a damaged file is simply not resumable
+        return None
+
+
+def adopt_progress(
+    parent: str | os.PathLike[str], name: str, expected: str | None, scratch: Path | None
+) -> tuple[SlideProgress, Path] | None:
+    """Take over the saved progress of ``name`` left in ``parent`` by an ended prediction.
+
+    The files of the first ended scratch folder whose progress of ``name`` has the
+    ``expected`` fingerprint are moved into ``scratch``, and the folder is removed; so are
+    the other ended folders with a progress of ``name`` (for other options or models, or
+    superseded), which could never be resumed by this prediction.
+
+    Args:
+        parent: The output folder.
+        name: The input's output base name.
+        expected: :func:`fingerprint` of this prediction; ``None`` adopts nothing (and
+            so discards every saved progress of ``name``).
+        scratch: This prediction's scratch folder (with ``expected``).
+
+    Returns:
+        The progress and the folder it came from, or ``None``.
+    """
+    adopted: tuple[SlideProgress, Path] | None = None
+    for folder in ended_scratch_folders(parent):
+        saved = folder / f"{name}{PROGRESS_SUFFIX}"
+        if not saved.is_file():
+            continue
+        if (
+            adopted is None
+            and expected is not None
+            and scratch is not None
+            and _read_fingerprint(saved) == expected
+        ):
+            try:
+                progress = SlideProgress.load(saved)
+            except Exception as exc:  # damaged: predict from the start
+                log.warning(
+                    "%s: unreadable saved progress (%s); predicting from the start", saved, exc
+                )
+            else:
+                for item in folder.iterdir():
+                    if item.name.startswith(f"{name}."):
+                        os.replace(item, scratch / item.name)
+                adopted = (progress, folder)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)
+    return adopted
