@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import signal
 import subprocess
 import sys
@@ -178,6 +179,30 @@ def test_predict_resumes_after_ctrl_c_only_with_the_same_model_and_options(
     with pytest.raises(KeyboardInterrupt):
         predict_inputs([slide], _Backend(stop_at=6), 4, LABELS, out, _options(overwrite=True))
     assert _hidden(out) == []
+
+
+def test_progress_waits_for_its_input_and_goes_when_the_input_is_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hisynseg.datasets.io import write_rgb_png
+
+    slide, pic, out = tmp_path / "slide.tif", tmp_path / "pic.png", tmp_path / "out"
+    _slide(slide)
+    write_rgb_png(pic, _image(64, 64))
+    predict_inputs([slide], _Backend(), 4, LABELS, out, _options(), model_key="m")
+    with pytest.raises(KeyboardInterrupt):  # predicting it again, cut short
+        predict_inputs(
+            [slide], _Backend(stop_at=6), 4, LABELS, out, _options(overwrite=True), model_key="m"
+        )
+    (kept,) = _hidden(out)
+    # Another input's run keeps the progress, and says so.
+    with caplog.at_level(logging.WARNING, logger="hisynseg.inference.predict"):
+        predict_inputs([pic], _Backend(), 4, LABELS, out, _options(), model_key="m")
+    assert "progress of an interrupted prediction of slide: predicting it again" in caplog.text
+    assert _hidden(out) == [kept]
+    # A run that skips the slide (its outputs exist) deletes it: it can never be resumed.
+    (result,) = predict_inputs([slide], _Backend(), 4, LABELS, out, _options(), model_key="m")
+    assert result.status == "skipped" and _hidden(out) == []
 
 
 def test_damaged_saved_files_mean_predicting_from_the_start(

@@ -50,12 +50,11 @@ from hisynseg.inference.resume import (
     PROGRESS_SUFFIX,
     SlideProgress,
     adopt_progress,
+    find_saved_progress,
     fingerprint,
     has_progress,
-    saved_progress_names,
 )
 from hisynseg.inference.scratch import (
-    ended_scratch_folders,
     remove_stale_scratch,
     scratch_folder,
     scratch_size,
@@ -312,6 +311,7 @@ def predict_file(
     name: str | None = None,
     reader_pool: ReaderPool | None = None,
     model_key: str | None = None,
+    saved_progress: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """Predict one image or slide and write its outputs.
 
@@ -332,6 +332,9 @@ def predict_file(
             read with processes).
         model_key: What identifies the model and how it is run (e.g. the checkpoint file
             and TTA); ``None``: no progress is saved or resumed.
+        saved_progress: The folders of ended predictions holding progress of this input
+            (:func:`~hisynseg.inference.resume.find_saved_progress`); ``None``: look in
+            ``out_dir``.
 
     Returns:
         Details: the tile plan, tile counts, timings, output paths.
@@ -363,7 +366,11 @@ def predict_file(
         expected = None
         if model_key is not None:
             expected = _progress_fingerprint(path, name, options, plan.to_dict(), model_key)
-        adopted = adopt_progress(out_dir, name, expected, scratch) if expected else None
+        adopted = None
+        if expected is not None:
+            if saved_progress is None:
+                saved_progress = find_saved_progress(out_dir).get(name, [])
+            adopted = adopt_progress(saved_progress, name, expected, scratch)
         canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
         mask, probs, resume = canvases
         if resume is not None and adopted is not None:
@@ -509,7 +516,8 @@ def predict_inputs(
                 str(path), name, "skipped", {k: str(v) for k, v in expected.items()}
             )
             result.details["reason"] = "outputs exist (use --overwrite to predict again)"
-            adopt_progress(out_dir, name, None, None)  # a leftover could never be resumed
+            # Progress left for finished outputs could never be resumed.
+            adopt_progress(resumable.get(name, []), name, None, None)
         else:
             try:
                 details = predict_file(
@@ -522,6 +530,7 @@ def predict_inputs(
                     name,
                     reader_pool,
                     model_key=model_key,
+                    saved_progress=resumable.get(name, []),
                 )
                 result = InputResult(str(path), name, "ok", details.pop("outputs"), details=details)
             except (KeyboardInterrupt, SystemExit):
@@ -537,17 +546,17 @@ def predict_inputs(
         result.seconds = round(time.perf_counter() - start, 3)
         return result
 
-    for folder in ended_scratch_folders(out_dir):
-        for saved in saved_progress_names(folder):
-            if saved not in names:
-                log.warning(
-                    "%s holds %.1f MiB of progress of an interrupted prediction of %s: "
-                    "predicting it again into %s resumes it (or delete the folder)",
-                    folder,
-                    scratch_size(folder) / 2**20,
-                    saved,
-                    out_dir,
-                )
+    resumable = find_saved_progress(out_dir)
+    for other in sorted(set(resumable) - set(names)):
+        for folder in resumable[other]:
+            log.warning(
+                "%s holds %.1f MiB of progress of an interrupted prediction of %s: "
+                "predicting it again into %s resumes it (or delete the folder)",
+                folder,
+                scratch_size(folder) / 2**20,
+                other,
+                out_dir,
+            )
     for stale in remove_stale_scratch(out_dir, keep=has_progress):
         log.warning(
             "removed %s: %.1f MiB of temporary files left by an earlier prediction "

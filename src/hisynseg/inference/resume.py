@@ -32,6 +32,7 @@ __all__ = [
     "PROGRESS_SUFFIX",
     "SlideProgress",
     "adopt_progress",
+    "find_saved_progress",
     "fingerprint",
     "has_progress",
     "saved_progress_names",
@@ -138,18 +139,29 @@ def _read_fingerprint(path: Path) -> str | None:
         return None
 
 
-def adopt_progress(
-    parent: str | os.PathLike[str], name: str, expected: str | None, scratch: Path | None
-) -> tuple[SlideProgress, Path] | None:
-    """Take over the saved progress of ``name`` left in ``parent`` by an ended prediction.
+def find_saved_progress(parent: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """The ended scratch folders in ``parent`` that hold saved progress, by input (output
+    base name); one look at the folder, however many inputs a run has."""
+    found: dict[str, list[Path]] = {}
+    for folder in ended_scratch_folders(parent):
+        for name in saved_progress_names(folder):
+            found.setdefault(name, []).append(folder)
+    return found
 
-    The files of the first ended scratch folder whose progress of ``name`` has the
-    ``expected`` fingerprint are moved into ``scratch``, and the folder is removed; so are
-    the other ended folders with a progress of ``name`` (for other options or models, or
-    superseded), which could never be resumed by this prediction.
+
+def adopt_progress(
+    folders: Sequence[Path], name: str, expected: str | None, scratch: Path | None
+) -> tuple[SlideProgress, Path] | None:
+    """Take over the saved progress of ``name`` that one of ``folders`` (scratch folders
+    of ended predictions) holds.
+
+    The files of the first folder whose progress of ``name`` has the ``expected``
+    fingerprint are moved into ``scratch``, and the folder is removed; so are the other
+    folders (progress for other options or models, or superseded), which this prediction
+    could never resume.
 
     Args:
-        parent: The output folder.
+        folders: Ended scratch folders (:func:`find_saved_progress`).
         name: The input's output base name.
         expected: :func:`fingerprint` of this prediction; ``None`` adopts nothing (and
             so discards every saved progress of ``name``).
@@ -159,7 +171,7 @@ def adopt_progress(
         The progress and the folder it came from, or ``None``.
     """
     adopted: tuple[SlideProgress, Path] | None = None
-    for folder in ended_scratch_folders(parent):
+    for folder in folders:
         saved = folder / f"{name}{PROGRESS_SUFFIX}"
         if not saved.is_file():
             continue

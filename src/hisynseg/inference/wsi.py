@@ -559,14 +559,16 @@ def predict_slide(
             counts[:] = resume.counts
             first = resume.next_tile
     last_save = time.perf_counter()
+    saves = 0
 
     def save_now(next_tile: int) -> None:
-        nonlocal last_save
+        nonlocal last_save, saves
         if save_progress is None:
             return
         m = band.merger
         save_progress(SlideProgress(next_tile, band.top, m.sums, m.weights, counts, digest))
         last_save = time.perf_counter()
+        saves += 1
 
     pooled = getattr(predict, "pooled", None)
     launch = getattr(predict, "launch", None)
@@ -707,7 +709,11 @@ def predict_slide(
                 blending.result()
         for chunk in band.flush(ho):
             emit(*chunk)
-        save_now(len(tiles))
+        # A finished loop is saved too (its outputs are still to be written), unless it
+        # was too short to have saved before: then redoing it costs little, and a folder of
+        # small images is spared a file per image.
+        if saves or first:
+            save_now(len(tiles))
     finally:
         bar.close()
         loader.close()
