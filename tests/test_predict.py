@@ -534,3 +534,51 @@ def test_rows_no_tile_reaches_are_background_with_zero_probabilities(tmp_path: P
     first_m, first_p = results["first"]
     assert (first_m[40:] == BG).all() and (first_p[40:] == 0).all()
     np.testing.assert_array_equal(first_m[:24, :40], m[:24, :40])  # away from the cut-off
+
+
+def test_predict_json_is_rewritten_seldom_but_complete_at_the_end_and_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.inference.predict as predict_module
+    from hisynseg.inference.predict import PredictOptions, predict_inputs
+
+    pictures = []
+    for i in range(5):
+        pictures.append(tmp_path / f"p{i}.png")
+        write_rgb_png(pictures[-1], _texture(64, 64, seed=i))
+    writes: list[dict] = []
+    write_json = predict_module.atomic_write_json
+
+    def counting_write(path: Path, obj: dict) -> None:
+        writes.append(json.loads(json.dumps(obj, default=str)))
+        write_json(path, obj)
+
+    monkeypatch.setattr(predict_module, "atomic_write_json", counting_write)
+    monkeypatch.setattr(predict_module, "RECORD_EVERY_SECONDS", 3600.0)
+    calls = []
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        calls.append(len(tiles))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        probs = np.zeros((len(tiles), 4, *tiles.shape[1:3]), np.float32)
+        probs[:, 1] = 1.0
+        return probs
+
+    options = PredictOptions(tile=64, overlap=16, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs(pictures, backend, 4, LABELS, tmp_path / "out", options)
+    # Written when the run started, then (an hour not being up) only when interrupted:
+    # with the three pictures done, and the run not finished.
+    assert len(writes) == 2
+    assert writes[1]["summary"] == {"inputs": 5, "done": 3, "ok": 3, "skipped": 0, "failed": 0}
+    assert writes[1]["finished"] is None
+    saved = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert [Path(r["input"]).name for r in saved["inputs"]] == ["p0.png", "p1.png", "p2.png"]
+
+    writes.clear()
+    calls.clear()
+    calls.append(0)  # no more interruptions
+    predict_inputs(pictures, backend, 4, LABELS, tmp_path / "out", options)
+    assert len(writes) == 2 and writes[1]["finished"] is not None
+    assert writes[1]["summary"] == {"inputs": 5, "done": 5, "ok": 2, "skipped": 3, "failed": 0}

@@ -84,6 +84,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MASK_FORMATS = ("auto", "png", "tiff")
+# Least seconds between two rewrites of predict.json while a run goes on.
+RECORD_EVERY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -495,18 +497,7 @@ def predict_inputs(
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-    def save(finished: bool) -> None:
-        counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-        atomic_write_json(
-            out_dir / "predict.json",
-            {
-                **header,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if finished else None,
-                "summary": {"inputs": len(paths), "done": len(results), **counts},
-                "inputs": [asdict(r) for r in results],
-            },
-        )
+    record = _RunRecord(out_dir / "predict.json", header, len(paths))
 
     def predict_one(path: Path, name: str, reader_pool: ReaderPool | None) -> InputResult:
         expected = output_paths(path, name, out_dir, options)
@@ -565,7 +556,7 @@ def predict_inputs(
             stale.size / 2**20,
             stale.pid,
         )
-    save(False)
+    record.save()
     # Reader processes, when they will be wanted, start now: their imports then overlap
     # the first slide's opening and tissue detection, and they serve every slide.
     reader_pool = start_reader_pool(paths, predict, options)
@@ -575,12 +566,56 @@ def predict_inputs(
             results.append(result)
             if report is not None:
                 report(result)
-            save(False)
+            record.add(result)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or broken: the record shows every input done.
+        with contextlib.suppress(Exception):
+            record.save()
+        raise
     finally:
         if reader_pool is not None:
             reader_pool.close()
-    save(True)
+    record.save(finished=True)
     return results
+
+
+class _RunRecord:
+    """``predict.json`` of a run, kept current as inputs finish.
+
+    Rewriting the whole record after every input would cost time in proportion to the
+    inputs done so far, hours over a folder of ten thousand patches; so each input's
+    entry is made once, and the file is rewritten at most every
+    :data:`RECORD_EVERY_SECONDS` (and never more often than ten times what writing it
+    took), at the end, and when the run is interrupted.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any], inputs: int) -> None:
+        self.path, self.header, self.inputs = path, header, inputs
+        self.entries: list[dict[str, Any]] = []
+        self.counts = dict.fromkeys(("ok", "skipped", "failed"), 0)
+        self.saved_at = -math.inf
+        self.save_seconds = 0.0
+
+    def add(self, result: InputResult) -> None:
+        self.entries.append(asdict(result))
+        self.counts[result.status] += 1
+        since = time.perf_counter() - self.saved_at
+        if since >= max(RECORD_EVERY_SECONDS, 10 * self.save_seconds):
+            self.save()
+
+    def save(self, finished: bool = False) -> None:
+        start = time.perf_counter()
+        atomic_write_json(
+            self.path,
+            {
+                **self.header,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if finished else None,
+                "summary": {"inputs": self.inputs, "done": len(self.entries), **self.counts},
+                "inputs": self.entries,
+            },
+        )
+        self.saved_at = time.perf_counter()
+        self.save_seconds = self.saved_at - start
 
 
 def start_reader_pool(
