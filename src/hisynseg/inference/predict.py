@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -212,8 +213,8 @@ def _version(name: str) -> str | None:
 
 def output_names(inputs: Sequence[Path]) -> list[str]:
     """Output base names: each file's stem, or its whole name where stems collide."""
-    stems = [p.stem for p in inputs]
-    return [p.name if stems.count(p.stem) > 1 else p.stem for p in inputs]
+    stems = Counter(p.stem for p in inputs)
+    return [p.name if stems[p.stem] > 1 else p.stem for p in inputs]
 
 
 def _mask_suffix(path: Path, options: PredictOptions) -> str:
