@@ -582,3 +582,25 @@ def test_predict_json_is_rewritten_seldom_but_complete_at_the_end_and_when_inter
     predict_inputs(pictures, backend, 4, LABELS, tmp_path / "out", options)
     assert len(writes) == 2 and writes[1]["finished"] is not None
     assert writes[1]["summary"] == {"inputs": 5, "done": 5, "ok": 2, "skipped": 3, "failed": 0}
+
+
+def test_cli_over_many_inputs_prints_only_failures_and_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from hisynseg.cli.predict import LINES_UP_TO
+
+    ckpt = _checkpoint(tmp_path)
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for i in range(LINES_UP_TO):
+        write_rgb_png(folder / f"p{i:03d}.png", _texture(32, 32, seed=i))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a picture")
+    args = ["predict", str(ckpt), str(folder), "--out", str(tmp_path / "out")]
+    assert main([*args, "--tile", "32", "--overlap", "0", "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].startswith(f"predicted {LINES_UP_TO}, skipped 0, failed 1 of")
+    assert len(out.splitlines()) == 1  # no line per patch
+    assert "broken.png" in err
+    # With fewer inputs, each gets its line.
+    assert main([*args[:2], str(folder / "p000.png"), *args[3:], "--no-progress"]) == 0
+    assert "p000.png: skipped, outputs exist" in capsys.readouterr().out

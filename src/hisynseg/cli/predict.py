@@ -30,7 +30,8 @@ objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.js
 versions, status of every input). Inputs whose outputs exist are skipped unless
 --overwrite. A slide's progress is saved every minute: re-running the same command after
 Ctrl-C, a time limit or a crash goes on from there. A failing input is reported and
-skipped; the exit status is 0 when all inputs succeeded, 1 otherwise.
+skipped; the exit status is 0 when all inputs succeeded, 1 otherwise. Each input gets a
+line; with more than 50 inputs, only failures do, and a bar counts the inputs.
 
 CKPT may be a checkpoint or export (torch) or an .onnx file from 'hisynseg export'
 (onnxruntime: pip install "hisynseg[onnx]").
@@ -40,6 +41,10 @@ examples:
       --target-mpp 1.0 --tta d4 --device cuda
   hisynseg predict model.onnx patch.png --out pred --tile 224 --overlap 32
 """
+
+
+# Inputs up to which every input gets its own line (above: only failures do).
+LINES_UP_TO = 50
 
 
 def _downsample(text: str) -> int | None:
@@ -183,16 +188,24 @@ def run(args: argparse.Namespace) -> int:
     tta = None if args.tta == "none" else args.tta
     backend, labels, meta = load_backend(args.checkpoint, device=device, tta=tta)
 
+    from tqdm.auto import tqdm
+
+    # A line per input while lines are worth reading; over a folder of many patches only
+    # the failures, beside the progress bar over the inputs (predict.json has them all).
+    every_line = len(inputs) <= LINES_UP_TO
+
     def report(result: InputResult) -> None:
         if result.status == "failed":
-            print(f"hisynseg predict: {result.error}", file=sys.stderr)
+            tqdm.write(f"hisynseg predict: {result.error}", file=sys.stderr)
+        elif not every_line:
+            return
         elif result.status == "skipped":
-            print(f"{result.input}: skipped, outputs exist")
+            tqdm.write(f"{result.input}: skipped, outputs exist")
         else:
             d = result.details
             resumed = d.get("tiles_resumed", 0)
             earlier = f", {resumed} of them from the interrupted run" if resumed else ""
-            print(
+            tqdm.write(
                 f"{result.input}: {d['tiles_predicted']} of {d['tiles_total']} tiles "
                 f"({d['tiles_with_tissue']} with tissue{earlier}), {result.seconds:.1f} s "
                 f"-> {result.outputs['mask']}"

@@ -481,6 +481,8 @@ def predict_inputs(
     Returns:
         One result per input, in order.
     """
+    from tqdm.auto import tqdm
+
     options.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -561,6 +563,12 @@ def predict_inputs(
     # Reader processes, when they will be wanted, start now: their imports then overlap
     # the first slide's opening and tissue detection, and they serve every slide.
     reader_pool = start_reader_pool(paths, predict, options)
+    bar = tqdm(
+        total=len(paths),
+        desc="inputs",
+        unit="input",
+        disable=not options.progress or len(paths) < 2,
+    )
     try:
         for path, name in zip(paths, names, strict=True):
             result = predict_one(path, name, reader_pool)
@@ -568,12 +576,14 @@ def predict_inputs(
             if report is not None:
                 report(result)
             record.add(result)
+            bar.update()
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or broken: the record shows every input done.
         with contextlib.suppress(Exception):
             record.save()
         raise
     finally:
+        bar.close()
         if reader_pool is not None:
             reader_pool.close()
     record.save(finished=True)

@@ -649,7 +649,16 @@ def predict_slide(
         accelerated,
         reader_pool,
     )
-    bar = tqdm(total=len(tiles), initial=first, desc=description, unit="tile", disable=not progress)
+    # One batch is over before a bar could say anything (a folder of patches would print
+    # a bar per patch); the caller's line or bar reports it.
+    bar = tqdm(
+        total=len(tiles),
+        initial=first,
+        desc=description,
+        unit="tile",
+        disable=not progress or len(batches) < 2,
+        leave=False,
+    )
     try:
         # The loader keeps batches read ahead; its depth bounds those plus the batches
         # held here (launched, or blending). The network runs in this thread (its large
