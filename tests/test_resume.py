@@ -274,3 +274,20 @@ def test_predict_resumes_after_the_process_was_killed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_outputs(out)[0], expected[0])
     np.testing.assert_array_equal(_outputs(out)[1], expected[1])
     assert _hidden(out) == []
+
+
+def test_resuming_with_reader_processes_gives_the_same_outputs(tmp_path: Path) -> None:
+    slide, out = tmp_path / "slide.tif", tmp_path / "out"
+    _slide(slide)
+    options = _options(tile_loader="processes", workers=2)
+    predict_inputs([slide], _Backend(), 4, LABELS, tmp_path / "ref", _options(), model_key="m")
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs([slide], _Backend(stop_at=5), 4, LABELS, out, options, model_key="m")
+    backend = _Backend()
+    (result,) = predict_inputs([slide], backend, 4, LABELS, out, options, model_key="m")
+    assert result.details["tile_loader"] == "processes"
+    assert 0 < result.details["tiles_resumed"] < result.details["tiles_predicted"]
+    assert backend.tiles == result.details["tiles_predicted"] - result.details["tiles_resumed"]
+    expected = _outputs(tmp_path / "ref")
+    np.testing.assert_array_equal(_outputs(out)[0], expected[0])
+    np.testing.assert_array_equal(_outputs(out)[1], expected[1])
