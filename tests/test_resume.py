@@ -99,14 +99,20 @@ def test_predict_slide_goes_on_from_saved_progress_to_the_same_result(tmp_path: 
     np.testing.assert_array_equal(mask2.read_all(), mask.read_all())
     np.testing.assert_array_equal(probs2.read_all(), probs.read_all())
 
-    # Progress saved for another tile list is not applied.
+    # Progress saved for another tile list, or a band of another shape, is not applied.
     mask3, probs3 = _canvases(tmp_path / "other", size)
-    other = copy.deepcopy(last)
-    other.tiles = "0" * 16
-    backend = _Backend()
-    stats = predict_slide(reader, backend, plan, 4, BG, mask3, probs3, batch_size=3, resume=other)
-    assert stats.tiles_resumed == 0 and backend.tiles == plan.num_tiles
-    np.testing.assert_array_equal(mask3.read_all(), mask.read_all())
+    other_tiles = copy.deepcopy(last)
+    other_tiles.tiles = "0" * 16
+    other_band = copy.deepcopy(last)
+    other_band.sums = other_band.sums[:, :-1]
+    for other in (other_tiles, other_band):
+        backend = _Backend()
+        stats = predict_slide(
+            reader, backend, plan, 4, BG, mask3, probs3, batch_size=3, resume=other
+        )
+        assert stats.tiles_resumed == 0 and backend.tiles == plan.num_tiles
+        np.testing.assert_array_equal(mask3.read_all(), mask.read_all())
+        np.testing.assert_array_equal(probs3.read_all(), probs.read_all())
 
 
 def _slide(path: Path) -> None:

@@ -550,14 +550,18 @@ def predict_slide(
     digest = tiles_digest(tiles) if resume is not None or save_progress is not None else ""
     first = 0
     if resume is not None:
-        if resume.tiles != digest or not 0 <= resume.next_tile <= len(tiles):
-            log.warning(
-                "%s: saved progress is for other tiles; predicting from the start", description
-            )
-        else:
+        try:
+            if resume.tiles != digest or not 0 <= resume.next_tile <= len(tiles):
+                raise ValueError("it is for other tiles")
             band.restore(resume.band_top, resume.sums, resume.weights)
             counts[:] = resume.counts
             first = resume.next_tile
+        except ValueError as exc:
+            band = _BandAccumulator(channels, t // d, wo)
+            counts[:] = 0
+            log.warning(
+                "%s: saved progress unusable (%s); predicting from the start", description, exc
+            )
     last_save = time.perf_counter()
     saves = 0
 
