@@ -383,14 +383,18 @@ def write_mask_geojson(
     labels: ClassLabels,
     scale: float | tuple[float, float] = 1.0,
     offset: tuple[float, float] = (0.0, 0.0),
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write :func:`mask_to_geojson`'s GeoJSON as :func:`write_geojson` would, atomically,
     a polygon at a time: a noisy slide-sized mask has millions of vertices, which as
     Python objects would take gigabytes.
+
+    ``temp_dir`` holds the file while it is written (default: beside ``path``; on its
+    file system).
     """
     sx, sy = (scale, scale) if np.isscalar(scale) else scale  # type: ignore[misc]
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path, temp_dir) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write('{"type":"FeatureCollection","features":[')
         first = True
         for index, binary in _class_masks(mask, labels):

@@ -433,7 +433,9 @@ def predict_file(
             gw, gh = _fit(wo, ho, options.geojson_max_pixels)
             gmask = mask.read_all() if (gw, gh) == (wo, ho) else mask.resample_nearest(gw, gh)
             f = plan.level0_per_output
-            write_mask_geojson(paths["geojson"], gmask, labels, (f * wo / gw, f * ho / gh))
+            write_mask_geojson(
+                paths["geojson"], gmask, labels, (f * wo / gw, f * ho / gh), temp_dir=scratch
+            )
             _lap(breakdown, "geojson", lap)
         if probs is not None:
             os.replace(probs.path, paths["probs"])
