@@ -604,17 +604,3 @@ def test_cli_over_many_inputs_prints_only_failures_and_the_summary(
     # With fewer inputs, each gets its line.
     assert main([*args[:2], str(folder / "p000.png"), *args[3:], "--no-progress"]) == 0
     assert "p000.png: skipped, outputs exist" in capsys.readouterr().out
-
-
-def test_geojson_outlines_every_region_of_a_mask_with_more_regions_than_16_bits_count(
-    tmp_path: Path,
-) -> None:
-    from hisynseg.inference.outputs import write_mask_geojson
-
-    mask = np.full((780, 780), BG, np.uint8)
-    mask.reshape(260, 3, 260, 3)[:, :2, :, :2] = 0  # 260² = 67,600 squares of 2×2 pixels
-    write_mask_geojson(tmp_path / "m.geojson", mask, LABELS)
-    (feature,) = json.loads((tmp_path / "m.geojson").read_text())["features"]
-    polygons = feature["geometry"]["coordinates"]
-    assert len(polygons) == 260 * 260 > 2**16
-    assert all(len(p) == 1 and len(p[0]) == 5 for p in polygons)  # a square, no holes

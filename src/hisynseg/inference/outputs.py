@@ -278,10 +278,9 @@ def _class_outlines(binary: np.ndarray, sx: float, sy: float) -> _ClassOutlines:
     if not contours:
         empty = np.zeros(0, np.int64)
         return _ClassOutlines(np.zeros((0, 2)), empty, empty, empty.astype(bool), [], {})
-    # Each component has one outer border among the contours, so with fewer contours
-    # than 16-bit labels can count, labels of half the size (a 64 Mpx mask: 128 MiB less).
-    ltype = cv2.CV_16U if len(contours) < 65000 else cv2.CV_32S
-    _, components = cv2.connectedComponents(binary, connectivity=8, ltype=ltype)
+    # 32-bit labels: OpenCV numbers provisional labels before merging them, so even a
+    # mask of a few hundred regions can run out of 16-bit ones.
+    _, components = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
     sizes = np.fromiter((len(c) for c in contours), np.int64, len(contours))
     points = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
