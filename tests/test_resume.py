@@ -231,6 +231,25 @@ def test_damaged_saved_files_mean_predicting_from_the_start(
     assert _hidden(out) == []
 
 
+def test_progress_whose_canvases_are_gone_is_never_resumed(tmp_path: Path) -> None:
+    slide, out = tmp_path / "slide.tif", tmp_path / "out"
+    _slide(slide)
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs([slide], _Backend(stop_at=6), 4, LABELS, out, _options(), model_key="m")
+    (kept,) = _hidden(out)
+    (kept / "slide.probs.npy").unlink()
+    # The next run starts afresh and is stopped before it saves anything of its own: the
+    # old progress must not survive beside the new, nearly empty canvases.
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs([slide], _Backend(stop_at=1), 4, LABELS, out, _options(), model_key="m")
+    assert not any((p / f"slide{PROGRESS_SUFFIX}").exists() for p in _hidden(out))
+    backend = _Backend()
+    (result,) = predict_inputs([slide], backend, 4, LABELS, out, _options(), model_key="m")
+    assert result.details["tiles_resumed"] == 0
+    predict_inputs([slide], _Backend(), 4, LABELS, tmp_path / "ref", _options(), model_key="m")
+    np.testing.assert_array_equal(_outputs(out)[0], _outputs(tmp_path / "ref")[0])
+
+
 # Predicts with progress saved after every batch and hangs in its fourth batch until
 # killed: a node lost or an out-of-memory kill in the middle of a slide.
 _KILLED_PREDICTION = textwrap.dedent(

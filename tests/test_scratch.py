@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,9 +19,11 @@ from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.inference.outputs import ClassLabels
 from hisynseg.inference.predict import PredictOptions, predict_inputs
 from hisynseg.inference.scratch import (
+    CAN_CLAIM,
     SCRATCH_PREFIX,
     _host,
-    remove_stale_scratch,
+    claim_ended_scratch,
+    remove_scratch,
     scratch_folder,
 )
 
@@ -32,37 +33,59 @@ SPEC = get_dataset_spec("luad-histoseg")
 LABELS = ClassLabels.from_dataset_dict(SPEC.to_dict())
 
 
-def _ended_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def _folder(parent: Path, host: str, pid: int, size: int = 0) -> Path:
-    folder = parent / f"{SCRATCH_PREFIX}{host}.{pid}.k3j_x9"
+def _folder(parent: Path, name: str, size: int = 0, owner: bool = True) -> Path:
+    """A scratch folder as a killed prediction leaves it: nobody holds its lock."""
+    folder = parent / f"{SCRATCH_PREFIX}{name}.123.k3j_x9"
     folder.mkdir()
+    if owner:
+        (folder / ".owner").touch()
     (folder / "slide.mask.raw").write_bytes(b"\0" * size)
     return folder
 
 
-def test_only_folders_of_ended_processes_of_this_host_are_removed(tmp_path: Path) -> None:
-    dead = _folder(tmp_path, _host(), _ended_pid(), size=3000)
-    alive = _folder(tmp_path, _host(), os.getppid())
-    mine = _folder(tmp_path, _host(), os.getpid())  # this process's, no longer used
-    elsewhere = _folder(tmp_path, "another.host", _ended_pid())
-    # The same host name in another container (PID namespace): its pids are not ours.
-    container = _folder(tmp_path, f"{socket.gethostname()}-1", _ended_pid())
-    unrelated = tmp_path / ".hisynseg-scratch.notes"
-    unrelated.mkdir()
-    with scratch_folder(tmp_path) as in_use:
-        removed = remove_stale_scratch(tmp_path)
-        assert in_use.is_dir()
-    assert sorted((r.path, r.size) for r in removed) == sorted([(dead, 3000), (mine, 0)])
-    assert {r.pid for r in removed} == {int(dead.name.split(".")[-2]), os.getpid()}
-    assert not dead.exists() and not mine.exists()
-    assert alive.is_dir() and elsewhere.is_dir() and unrelated.is_dir()
-    assert container.is_dir()
-    assert remove_stale_scratch(tmp_path / "missing") == []
+# Holds a scratch folder (a prediction running in another process) until killed.
+_HOLDING = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from hisynseg.inference.scratch import scratch_folder
+
+    with scratch_folder(sys.argv[1]) as folder:
+        Path(sys.argv[2]).write_text(str(folder))
+        time.sleep(600)
+    """
+)
+
+
+@pytest.mark.skipif(not CAN_CLAIM, reason="no file locks here")
+def test_only_folders_no_process_holds_are_claimed_and_removed(tmp_path: Path) -> None:
+    ended = _folder(tmp_path, "ended", size=3000)
+    foreign = _folder(tmp_path, "notes", owner=False)  # not made by a prediction
+    flag = tmp_path / "holding"
+    child = subprocess.Popen([sys.executable, "-c", _HOLDING, str(tmp_path), str(flag)])
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() or not flag.read_text():
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        theirs = Path(flag.read_text())
+        with scratch_folder(tmp_path) as mine:
+            with claim_ended_scratch(tmp_path) as claimed:
+                assert claimed == [ended]  # not theirs, not mine, not the foreign one
+                with claim_ended_scratch(tmp_path) as again:
+                    assert again == []  # a claimed folder is locked too
+                removed = remove_scratch(claimed)
+            assert mine.is_dir()
+        assert [(r.path, r.pid, r.size) for r in removed] == [(ended, 123, 3000)]
+        assert not ended.exists() and foreign.is_dir() and theirs.is_dir()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # Killed, the other process no longer holds its folder.
+    with claim_ended_scratch(tmp_path) as claimed:
+        assert claimed == [theirs]
+    with claim_ended_scratch(tmp_path / "missing") as claimed:
+        assert claimed == []
 
 
 def test_a_scratch_folder_is_removed_when_its_block_ends_even_by_an_error(
@@ -74,6 +97,8 @@ def test_a_scratch_folder_is_removed_when_its_block_ends_even_by_an_error(
         (folder / "big.raw").write_bytes(b"x" * 100)
         raise RuntimeError("prediction failed")
     assert not folder.exists()
+    if not CAN_CLAIM:
+        return  # nothing is kept where no later run could claim it
     # Unless it holds what a later run wants, and the block was cut short.
     worth_keeping = lambda folder: (folder / "progress").exists()  # noqa: E731
     with pytest.raises(KeyboardInterrupt), scratch_folder(tmp_path, worth_keeping) as kept:
@@ -135,7 +160,7 @@ def test_the_next_prediction_removes_what_a_killed_one_left(
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert len(hidden) == 1 and hidden[0].startswith(f"{SCRATCH_PREFIX}{_host()}.{child.pid}.")
     left = sorted(p.name for p in (out / hidden[0]).iterdir())
-    assert left == ["slide.mask.raw", "slide.probs.npy"]
+    assert left == [".owner", "slide.mask.raw", "slide.probs.npy"]
     assert (out / hidden[0] / "slide.mask.raw").stat().st_size == 192 * 192
 
     def backend(tiles: np.ndarray) -> np.ndarray:

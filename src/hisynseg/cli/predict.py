@@ -29,7 +29,7 @@ resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File >
 objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
 versions, status of every input). Inputs whose outputs exist are skipped unless
 --overwrite. A slide's progress is saved every minute: re-running the same command after
-Ctrl-C, a time limit or a crash goes on from there. A failing input is reported and
+Ctrl-C, a time limit or a crash goes on from there (not on Windows). A failing input is reported and
 skipped; the exit status is 0 when all inputs succeeded, 1 otherwise. Each input gets a
 line; with more than 50 inputs, only failures do, and a bar counts the inputs.
 

@@ -166,6 +166,15 @@ class DiskCanvas:
             start = stop
         return out
 
+    def sync(self) -> None:
+        """Make the rows written so far durable (they survive a crash of the machine, not
+        only of this process)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def unlink(self) -> None:
         """Delete the file."""
         self.path.unlink(missing_ok=True)

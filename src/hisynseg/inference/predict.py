@@ -56,7 +56,10 @@ from hisynseg.inference.resume import (
     has_progress,
 )
 from hisynseg.inference.scratch import (
-    remove_stale_scratch,
+    CAN_CLAIM,
+    StaleScratch,
+    claim_ended_scratch,
+    remove_scratch,
     scratch_folder,
     scratch_size,
 )
@@ -334,10 +337,11 @@ def predict_file(
         reader_pool: Tile reader processes kept for the whole run (when the slide is
             read with processes).
         model_key: What identifies the model and how it is run (e.g. the checkpoint file
-            and TTA); ``None``: no progress is saved or resumed.
+            and TTA); ``None``: no progress is saved or resumed (nor where file locks are
+            missing, on Windows).
         saved_progress: The folders of ended predictions holding progress of this input
-            (:func:`~hisynseg.inference.resume.find_saved_progress`); ``None``: look in
-            ``out_dir``.
+            (:func:`~hisynseg.inference.resume.find_saved_progress`, of folders this
+            process has claimed); ``None``: claim and look in ``out_dir``.
 
     Returns:
         Details: the tile plan, tile counts, timings, output paths.
@@ -367,22 +371,31 @@ def predict_file(
         tissue = TissueDetector.fit(reader) if options.tissue_detection else None
         scratch = stack.enter_context(scratch_folder(out_dir, keep=has_progress))
         expected = None
-        if model_key is not None:
+        if model_key is not None and CAN_CLAIM:  # progress no run could adopt is not saved
             expected = _progress_fingerprint(path, name, options, plan.to_dict(), model_key)
         adopted = None
         if expected is not None:
             if saved_progress is None:
-                saved_progress = find_saved_progress(out_dir).get(name, [])
+                claimed = stack.enter_context(claim_ended_scratch(out_dir))
+                saved_progress = find_saved_progress(claimed).get(name, [])
             adopted = adopt_progress(saved_progress, name, expected, scratch)
         canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
         mask, probs, resume = canvases
+        progress_file = scratch / f"{name}{PROGRESS_SUFFIX}"
+        if resume is None:
+            # Adopted progress whose canvases are unusable must not outlive them.
+            progress_file.unlink(missing_ok=True)
         if resume is not None and adopted is not None:
             log.info("%s: resuming at tile %d (progress of %s)", path, resume.next_tile, adopted[1])
         save_progress = None
         if expected is not None:
-            progress_file = scratch / f"{name}{PROGRESS_SUFFIX}"
 
             def save_progress(progress: SlideProgress) -> None:
+                # The rows the progress says are written must reach the disk before it
+                # does: after a machine crash it would otherwise claim rows that are lost.
+                mask.sync()
+                if probs is not None:
+                    probs.sync()
                 progress.fingerprint = expected
                 progress.save(progress_file)
 
@@ -542,7 +555,49 @@ def predict_inputs(
         result.seconds = round(time.perf_counter() - start, 3)
         return result
 
-    resumable = find_saved_progress(out_dir)
+    with claim_ended_scratch(out_dir) as claimed:
+        # Held (locked) for the whole run: no other run resumes or deletes them meanwhile.
+        resumable = find_saved_progress(claimed)
+        _report_scratch(out_dir, resumable, names, remove_scratch(claimed, keep=has_progress))
+        record.save()
+        # Reader processes, when they will be wanted, start now: their imports then overlap
+        # the first slide's opening and tissue detection, and they serve every slide.
+        reader_pool = start_reader_pool(paths, predict, options)
+        bar = tqdm(
+            total=len(paths),
+            desc="inputs",
+            unit="input",
+            disable=not options.progress or len(paths) < 2,
+        )
+        try:
+            for path, name in zip(paths, names, strict=True):
+                result = predict_one(path, name, reader_pool)
+                results.append(result)
+                if report is not None:
+                    report(result)
+                record.add(result)
+                bar.update()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or broken: the record shows every input done.
+            with contextlib.suppress(Exception):
+                record.save()
+            raise
+        finally:
+            bar.close()
+            if reader_pool is not None:
+                reader_pool.close()
+    record.save(finished=True)
+    return results
+
+
+def _report_scratch(
+    out_dir: Path,
+    resumable: dict[str, list[Path]],
+    names: Sequence[str],
+    removed: Sequence[StaleScratch],
+) -> None:
+    """Log the scratch folders of ended predictions: removed, or kept for inputs of
+    other runs."""
     for other in sorted(set(resumable) - set(names)):
         for folder in resumable[other]:
             log.warning(
@@ -553,43 +608,14 @@ def predict_inputs(
                 other,
                 out_dir,
             )
-    for stale in remove_stale_scratch(out_dir, keep=has_progress):
+    for stale in removed:
         log.warning(
             "removed %s: %.1f MiB of temporary files left by an earlier prediction "
-            "(process %d) that was killed",
+            "(process %s) that was killed",
             stale.path,
             stale.size / 2**20,
             stale.pid,
         )
-    record.save()
-    # Reader processes, when they will be wanted, start now: their imports then overlap
-    # the first slide's opening and tissue detection, and they serve every slide.
-    reader_pool = start_reader_pool(paths, predict, options)
-    bar = tqdm(
-        total=len(paths),
-        desc="inputs",
-        unit="input",
-        disable=not options.progress or len(paths) < 2,
-    )
-    try:
-        for path, name in zip(paths, names, strict=True):
-            result = predict_one(path, name, reader_pool)
-            results.append(result)
-            if report is not None:
-                report(result)
-            record.add(result)
-            bar.update()
-    except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or broken: the record shows every input done.
-        with contextlib.suppress(Exception):
-            record.save()
-        raise
-    finally:
-        bar.close()
-        if reader_pool is not None:
-            reader_pool.close()
-    record.save(finished=True)
-    return results
 
 
 class _RunRecord:

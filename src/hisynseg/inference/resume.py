@@ -8,7 +8,9 @@ in the prediction's scratch folder (:mod:`hisynseg.inference.scratch`). The rows
 the band are already in the canvas files. A later prediction of the same input into the
 same folder, with the same model, options and tile plan (the :func:`fingerprint`),
 adopts those files (:func:`adopt_progress`) and goes on from the next tile; the blending
-sums are restored exactly, so the outputs equal an uninterrupted run's.
+sums are restored exactly, so the outputs equal an uninterrupted run's. Only folders no
+process holds can be adopted (:func:`~hisynseg.inference.scratch.claim_ended_scratch`),
+which rules out Windows.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from hisynseg.inference.scratch import ended_scratch_folders
 
 __all__ = [
     "PROGRESS_SUFFIX",
@@ -79,7 +79,8 @@ class SlideProgress:
     fingerprint: str = ""
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write to ``path`` atomically (a kill mid-write leaves the previous one)."""
+        """Write to ``path`` atomically (a kill mid-write leaves the previous one) and
+        durably (the rows it describes must be made durable first)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         meta = {
@@ -96,6 +97,8 @@ class SlideProgress:
                 weights=self.weights,
                 counts=self.counts,
             )
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
 
     @classmethod
@@ -139,11 +142,11 @@ def _read_fingerprint(path: Path) -> str | None:
         return None
 
 
-def find_saved_progress(parent: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The ended scratch folders in ``parent`` that hold saved progress, by input (output
-    base name); one look at the folder, however many inputs a run has."""
+def find_saved_progress(claimed: Sequence[Path]) -> dict[str, list[Path]]:
+    """The claimed scratch folders (:func:`~hisynseg.inference.scratch.claim_ended_scratch`)
+    that hold saved progress, by input (output base name)."""
     found: dict[str, list[Path]] = {}
-    for folder in ended_scratch_folders(parent):
+    for folder in claimed:
         for name in saved_progress_names(folder):
             found.setdefault(name, []).append(folder)
     return found
@@ -153,7 +156,7 @@ def adopt_progress(
     folders: Sequence[Path], name: str, expected: str | None, scratch: Path | None
 ) -> tuple[SlideProgress, Path] | None:
     """Take over the saved progress of ``name`` that one of ``folders`` (scratch folders
-    of ended predictions) holds.
+    of ended predictions, claimed by this process) holds.
 
     The files of the first folder whose progress of ``name`` has the ``expected``
     fingerprint are moved into ``scratch``, and the folder is removed; so are the other
@@ -161,7 +164,8 @@ def adopt_progress(
     could never resume.
 
     Args:
-        folders: Ended scratch folders (:func:`find_saved_progress`).
+        folders: Claimed scratch folders holding progress of ``name``
+            (:func:`find_saved_progress`).
         name: The input's output base name.
         expected: :func:`fingerprint` of this prediction; ``None`` adopts nothing (and
             so discards every saved progress of ``name``).

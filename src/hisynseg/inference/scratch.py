@@ -1,13 +1,19 @@
 """Scratch folders for the large temporary files of a prediction, and their clean-up.
 
 Predicting a slide keeps files of up to several GiB beside its outputs while it runs: the
-mask canvas, the reduced levels of the pyramidal mask, a TIFF or probability map being
-written. They are removed when prediction ends, even by an exception or Ctrl-C, but not
-when the process is killed outright (SIGKILL, the out-of-memory killer, a lost node). So
-they all live in one folder per prediction, named after the host (and PID namespace) and
-the process, and the next run into the same output folder deletes the folders of
-processes of this host that no longer exist. A folder of another host or container (a
-shared file system) or of a live process is never touched.
+mask canvas, the reduced levels of the pyramidal mask, a TIFF, GeoJSON or probability map
+being written, the saved progress. They are removed when prediction ends, even by an
+exception or Ctrl-C, but not when the process is killed outright (SIGKILL, the
+out-of-memory killer, a lost node). So they all live in one folder per prediction, whose
+process holds an exclusive lock on the folder's ``.owner`` file for as long as it uses
+it. The kernel releases the lock when the process ends, however it ends, so a folder
+whose lock can be taken belongs to no one: a later run *claims* it (takes the lock),
+resumes its progress or deletes it. Unlike process ids, the lock means the same in
+another container on the same host, and after a container restarts. A folder whose lock
+is held (a live prediction, here or on another host of a shared file system with working
+locks), or that has no ``.owner`` file, is never touched.
+
+Where file locks are missing (Windows) folders are never claimed, and so never kept.
 """
 
 from __future__ import annotations
@@ -21,35 +27,47 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
+    "CAN_CLAIM",
     "SCRATCH_PREFIX",
     "StaleScratch",
-    "ended_scratch_folders",
-    "remove_stale_scratch",
+    "claim_ended_scratch",
+    "remove_scratch",
     "scratch_folder",
     "scratch_size",
 ]
 
 SCRATCH_PREFIX = ".hisynseg-scratch."
+OWNER_FILE = ".owner"
+# Whether ended folders can be told from live ones (and so kept for a later run).
+CAN_CLAIM = fcntl is not None
 
 
 def _host() -> str:
-    """Where this process's id means this process: the host name, and on Linux the PID
-    namespace, since containers that share an output folder can share a host name too.
+    # For people reading folder names only: ownership is the lock.
+    return socket.gethostname().replace(os.sep, "_").replace(".", "_") or "localhost"
 
-    Dots may stay in it: a folder name is parsed from its right (``.pid.random``).
-    """
-    host = socket.gethostname().replace(os.sep, "_") or "localhost"
+
+def _lock(path: Path, create: bool) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock, or ``None`` when the
+    lock is held elsewhere (or locks do not work there, or the file is missing)."""
+    if fcntl is None:
+        return None
     try:
-        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
     except OSError:
-        return host
-    return f"{host}-{''.join(c for c in namespace if c.isdigit())}"
-
-
-# Scratch folders this process is using: an interrupted prediction's folder, left for a
-# later one to resume, counts as ended even though its process is this one.
-_ACTIVE: set[Path] = set()
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 @contextlib.contextmanager
@@ -64,56 +82,66 @@ def scratch_folder(
     Args:
         parent: The output folder.
         keep: Asked when the block ends with an exception (Ctrl-C included): whether the
-            folder holds something worth keeping for a later run (saved progress).
+            folder holds something worth keeping for a later run (saved progress). Never
+            asked where folders cannot be claimed (:data:`CAN_CLAIM`).
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.", dir=parent))
-    _ACTIVE.add(folder)
+    owner = _lock(folder / OWNER_FILE, create=True)
     try:
         yield folder
     except BaseException:
-        if keep is None or not keep(folder):
+        if not CAN_CLAIM or keep is None or not keep(folder):
             shutil.rmtree(folder, ignore_errors=True)
         raise
     else:
         shutil.rmtree(folder, ignore_errors=True)
     finally:
-        _ACTIVE.discard(folder)
+        if owner is not None:
+            os.close(owner)
+
+
+@contextlib.contextmanager
+def claim_ended_scratch(parent: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """The scratch folders in ``parent`` that no process uses, locked by this one until the
+    block ends, so that no other run resumes or deletes them meanwhile."""
+    held: list[tuple[Path, int]] = []
+    parent = Path(parent)
+    try:
+        if CAN_CLAIM and parent.is_dir():
+            for entry in sorted(parent.iterdir()):
+                if not entry.name.startswith(SCRATCH_PREFIX) or entry.is_symlink():
+                    continue
+                if not entry.is_dir():
+                    continue
+                fd = _lock(entry / OWNER_FILE, create=False)
+                if fd is not None:
+                    held.append((entry, fd))
+        yield [folder for folder, _ in held]
+    finally:
+        for _, fd in held:
+            os.close(fd)
 
 
 class StaleScratch(NamedTuple):
-    """A scratch folder removed because its process had ended.
+    """A scratch folder removed because no process used it.
 
     Attributes:
         path: The folder.
-        pid: The process that had made it.
+        pid: The process that had made it (from its name), if known.
         size: Bytes it held.
     """
 
     path: Path
-    pid: int
+    pid: int | None
     size: int
 
 
-def _owner(name: str) -> tuple[str, int] | None:
-    """``(host, pid)`` of a scratch folder's name, or ``None`` for any other name."""
-    if not name.startswith(SCRATCH_PREFIX):
-        return None
+def _pid(name: str) -> int | None:
+    """The process id in a scratch folder's name (``PREFIX.host.pid.random``)."""
     parts = name[len(SCRATCH_PREFIX) :].rsplit(".", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1])
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 def scratch_size(folder: Path) -> int:
@@ -126,47 +154,24 @@ def scratch_size(folder: Path) -> int:
     return total
 
 
-def ended_scratch_folders(parent: str | os.PathLike[str]) -> list[Path]:
-    """The scratch folders in ``parent`` of processes of this host that have ended (and
-    this process's own that it no longer uses); none where processes cannot be probed
-    safely (Windows)."""
-    parent = Path(parent)
-    # os.kill(pid, 0) on Windows would terminate the process rather than probe it.
-    if os.name == "nt" or not parent.is_dir():
-        return []
-    host, ended = _host(), []
-    for entry in sorted(parent.iterdir()):
-        owner = _owner(entry.name)
-        if owner is None or owner[0] != host or entry.is_symlink() or not entry.is_dir():
-            continue
-        pid = owner[1]
-        if pid == os.getpid():
-            if entry not in _ACTIVE:
-                ended.append(entry)
-        elif not _process_exists(pid):
-            ended.append(entry)
-    return ended
-
-
-def remove_stale_scratch(
-    parent: str | os.PathLike[str], keep: Callable[[Path], bool] | None = None
+def remove_scratch(
+    claimed: list[Path], keep: Callable[[Path], bool] | None = None
 ) -> list[StaleScratch]:
-    """Delete the scratch folders in ``parent`` left by ended processes of this host.
+    """Delete claimed scratch folders (:func:`claim_ended_scratch`).
 
     Args:
-        parent: The output folder.
+        claimed: Folders this process holds the lock of.
         keep: Folders for which this is true stay (saved progress a later run resumes).
 
     Returns:
         What was removed.
     """
     removed = []
-    for folder in ended_scratch_folders(parent):
+    for folder in claimed:
         if keep is not None and keep(folder):
             continue
-        owner = _owner(folder.name)
         size = scratch_size(folder)
         shutil.rmtree(folder, ignore_errors=True)
-        if owner is not None and not folder.exists():
-            removed.append(StaleScratch(folder, owner[1], size))
+        if not folder.exists():
+            removed.append(StaleScratch(folder, _pid(folder.name), size))
     return removed

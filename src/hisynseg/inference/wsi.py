@@ -549,6 +549,7 @@ def predict_slide(
     counts = np.zeros(256, np.int64)
     digest = tiles_digest(tiles) if resume is not None or save_progress is not None else ""
     first = 0
+    reject_resume = False
     if resume is not None:
         try:
             if resume.tiles != digest or not 0 <= resume.next_tile <= len(tiles):
@@ -559,6 +560,7 @@ def predict_slide(
         except ValueError as exc:
             band = _BandAccumulator(channels, t // d, wo)
             counts[:] = 0
+            reject_resume = True
             log.warning(
                 "%s: saved progress unusable (%s); predicting from the start", description, exc
             )
@@ -573,6 +575,11 @@ def predict_slide(
         save_progress(SlideProgress(next_tile, band.top, m.sums, m.weights, counts, digest))
         last_save = time.perf_counter()
         saves += 1
+
+    if reject_resume:
+        # Replace the unusable progress at once: if this run stops before its first save,
+        # the next must not take it for a description of the canvases.
+        save_now(0)
 
     pooled = getattr(predict, "pooled", None)
     launch = getattr(predict, "launch", None)
