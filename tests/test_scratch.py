@@ -176,3 +176,15 @@ def test_the_next_prediction_removes_what_a_killed_one_left(
     assert f"(process {child.pid}) that was killed" in caplog.text
     assert hidden[0] in caplog.text
     assert np.load(out / "slide.probs.npy").shape == (192, 192, 4)
+
+
+def test_without_file_locks_nothing_is_kept_or_taken_for_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.inference.scratch as scratch
+
+    monkeypatch.setattr(scratch, "_lock", lambda path, create: None)  # e.g. NFS without locks
+    with pytest.raises(KeyboardInterrupt), scratch_folder(tmp_path, lambda f: True) as folder:
+        assert not (folder / ".owner").exists()  # so no run could take it for abandoned
+        raise KeyboardInterrupt
+    assert not folder.exists()  # and nothing is kept that no run could resume

@@ -56,10 +56,10 @@ from hisynseg.inference.resume import (
     has_progress,
 )
 from hisynseg.inference.scratch import (
-    CAN_CLAIM,
     StaleScratch,
     claim_ended_scratch,
     remove_scratch,
+    resumable_folder,
     scratch_folder,
     scratch_size,
 )
@@ -338,7 +338,7 @@ def predict_file(
             read with processes).
         model_key: What identifies the model and how it is run (e.g. the checkpoint file
             and TTA); ``None``: no progress is saved or resumed (nor where file locks are
-            missing, on Windows).
+            missing: Windows, some network file systems).
         saved_progress: The folders of ended predictions holding progress of this input
             (:func:`~hisynseg.inference.resume.find_saved_progress`, of folders this
             process has claimed); ``None``: claim and look in ``out_dir``.
@@ -371,7 +371,7 @@ def predict_file(
         tissue = TissueDetector.fit(reader) if options.tissue_detection else None
         scratch = stack.enter_context(scratch_folder(out_dir, keep=has_progress))
         expected = None
-        if model_key is not None and CAN_CLAIM:  # progress no run could adopt is not saved
+        if model_key is not None and resumable_folder(scratch):  # else no run could adopt it
             expected = _progress_fingerprint(path, name, options, plan.to_dict(), model_key)
         adopted = None
         if expected is not None:

@@ -38,6 +38,7 @@ __all__ = [
     "StaleScratch",
     "claim_ended_scratch",
     "remove_scratch",
+    "resumable_folder",
     "scratch_folder",
     "scratch_size",
 ]
@@ -89,10 +90,14 @@ def scratch_folder(
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.", dir=parent))
     owner = _lock(folder / OWNER_FILE, create=True)
+    if owner is None:
+        # No lock here (a file system without them): without its .owner file no run will
+        # ever take the folder for abandoned, and it is not kept for one either.
+        (folder / OWNER_FILE).unlink(missing_ok=True)
     try:
         yield folder
     except BaseException:
-        if not CAN_CLAIM or keep is None or not keep(folder):
+        if owner is None or keep is None or not keep(folder):
             shutil.rmtree(folder, ignore_errors=True)
         raise
     else:
@@ -100,6 +105,11 @@ def scratch_folder(
     finally:
         if owner is not None:
             os.close(owner)
+
+
+def resumable_folder(folder: Path) -> bool:
+    """Whether a later run could claim this scratch folder (its owner holds a lock)."""
+    return (folder / OWNER_FILE).is_file()
 
 
 @contextlib.contextmanager
