@@ -20,7 +20,7 @@ from hisynseg.inference.canvas import DiskCanvas
 from hisynseg.inference.outputs import ClassLabels
 from hisynseg.inference.predict import PredictOptions, predict_inputs
 from hisynseg.inference.resume import PROGRESS_SUFFIX, SlideProgress
-from hisynseg.inference.scratch import SCRATCH_PREFIX
+from hisynseg.inference.scratch import SCRATCH_PREFIX, claim_ended_scratch
 from hisynseg.inference.wsi import plan_tiles, predict_slide
 from hisynseg.slides import PlainImageReader
 
@@ -201,9 +201,19 @@ def test_progress_waits_for_its_input_and_goes_when_the_input_is_done(
             [slide], _Backend(stop_at=6), 4, LABELS, out, _options(overwrite=True), model_key="m"
         )
     (kept,) = _hidden(out)
-    # Another input's run keeps the progress, and says so.
+    # Another input's run keeps the progress, and says so; it does not hold it meanwhile,
+    # so a run of the slide at the same time could resume it.
+    claimable: list[list[Path]] = []
+
+    class Watching(_Backend):
+        def __call__(self, tiles: np.ndarray) -> np.ndarray:
+            with claim_ended_scratch(out) as claims:
+                claimable.append(claims.folders)
+            return super().__call__(tiles)
+
     with caplog.at_level(logging.WARNING, logger="hisynseg.inference.predict"):
-        predict_inputs([pic], _Backend(), 4, LABELS, out, _options(), model_key="m")
+        predict_inputs([pic], Watching(), 4, LABELS, out, _options(), model_key="m")
+    assert claimable and all(folders == [kept] for folders in claimable)
     assert "progress of an interrupted prediction of slide: predicting it again" in caplog.text
     assert _hidden(out) == [kept]
     # A run that skips the slide (its outputs exist) deletes it: it can never be resumed.

@@ -21,8 +21,11 @@ from hisynseg.inference.predict import PredictOptions, predict_inputs
 from hisynseg.inference.scratch import (
     CAN_CLAIM,
     SCRATCH_PREFIX,
+    STALE_SECONDS,
     _host,
+    _kernel,
     claim_ended_scratch,
+    remove_folder,
     remove_scratch,
     scratch_folder,
 )
@@ -33,12 +36,14 @@ SPEC = get_dataset_spec("luad-histoseg")
 LABELS = ClassLabels.from_dataset_dict(SPEC.to_dict())
 
 
-def _folder(parent: Path, name: str, size: int = 0, owner: bool = True) -> Path:
+def _folder(
+    parent: Path, name: str, size: int = 0, owner: bool = True, kernel: str | None = None
+) -> Path:
     """A scratch folder as a killed prediction leaves it: nobody holds its lock."""
     folder = parent / f"{SCRATCH_PREFIX}{name}.123.k3j_x9"
     folder.mkdir()
     if owner:
-        (folder / ".owner").touch()
+        (folder / ".owner").write_text(f"{kernel or _kernel()}\nhost\n123\n")
     (folder / "slide.mask.raw").write_bytes(b"\0" * size)
     return folder
 
@@ -70,22 +75,64 @@ def test_only_folders_no_process_holds_are_claimed_and_removed(tmp_path: Path) -
             time.sleep(0.05)
         theirs = Path(flag.read_text())
         with scratch_folder(tmp_path) as mine:
-            with claim_ended_scratch(tmp_path) as claimed:
-                assert claimed == [ended]  # not theirs, not mine, not the foreign one
+            with claim_ended_scratch(tmp_path) as claims:
+                assert claims.folders == [ended]  # not theirs, not mine, not the foreign one
                 with claim_ended_scratch(tmp_path) as again:
-                    assert again == []  # a claimed folder is locked too
-                removed = remove_scratch(claimed)
+                    assert again.folders == []  # a claimed folder is locked too
+                removed = remove_scratch(claims.folders)
             assert mine.is_dir()
-        assert [(r.path, r.pid, r.size) for r in removed] == [(ended, 123, 3000)]
+        owner_bytes = len(f"{_kernel()}\nhost\n123\n")
+        assert [(r.path, r.pid, r.size) for r in removed] == [(ended, 123, 3000 + owner_bytes)]
         assert not ended.exists() and foreign.is_dir() and theirs.is_dir()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
     # Killed, the other process no longer holds its folder.
-    with claim_ended_scratch(tmp_path) as claimed:
-        assert claimed == [theirs]
-    with claim_ended_scratch(tmp_path / "missing") as claimed:
-        assert claimed == []
+    with claim_ended_scratch(tmp_path) as claims:
+        assert claims.folders == [theirs]
+        claims.release([theirs])  # let go: another run may claim it now
+        with claim_ended_scratch(tmp_path) as again:
+            assert again.folders == [theirs]
+    with claim_ended_scratch(tmp_path / "missing") as claims:
+        assert claims.folders == []
+
+
+@pytest.mark.skipif(not CAN_CLAIM, reason="no file locks here")
+def test_a_folder_made_under_another_kernel_waits_for_its_heartbeat_to_stop(
+    tmp_path: Path,
+) -> None:
+    # A shared file system whose locks each host keeps to itself: a free lock proves
+    # nothing about a folder another machine made, an old heartbeat does.
+    beating = _folder(tmp_path, "beating", kernel="another-machine")
+    quiet = tmp_path / f"{SCRATCH_PREFIX}quiet.7.x"
+    quiet.mkdir()
+    (quiet / ".owner").write_text("another-machine\nhost\n7\n")
+    old = time.time() - STALE_SECONDS - 5
+    os.utime(quiet / ".owner", (old, old))
+    with claim_ended_scratch(tmp_path) as claims:
+        assert claims.folders == [quiet]
+    assert beating.is_dir()
+
+
+def test_a_folder_is_removed_with_its_owner_file_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path, "dying", size=10)
+    (folder / "sub").mkdir()
+    real_unlink = Path.unlink
+
+    def killed(path: Path, missing_ok: bool = False) -> None:
+        if path.name != ".owner":
+            raise KeyboardInterrupt  # the process dies while removing
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_folder(folder)
+    assert (folder / ".owner").is_file()  # so a later run can still claim what is left
+    monkeypatch.undo()
+    remove_folder(folder)
+    assert not folder.exists()
 
 
 def test_a_scratch_folder_is_removed_when_its_block_ends_even_by_an_error(

@@ -376,8 +376,9 @@ def predict_file(
         adopted = None
         if expected is not None:
             if saved_progress is None:
-                claimed = stack.enter_context(claim_ended_scratch(out_dir))
-                saved_progress = find_saved_progress(claimed).get(name, [])
+                claims = stack.enter_context(claim_ended_scratch(out_dir))
+                saved_progress = find_saved_progress(claims.folders).get(name, [])
+                claims.release([f for f in claims.folders if f not in saved_progress])
             adopted = adopt_progress(saved_progress, name, expected, scratch)
         canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
         mask, probs, resume = canvases
@@ -555,10 +556,14 @@ def predict_inputs(
         result.seconds = round(time.perf_counter() - start, 3)
         return result
 
-    with claim_ended_scratch(out_dir) as claimed:
-        # Held (locked) for the whole run: no other run resumes or deletes them meanwhile.
-        resumable = find_saved_progress(claimed)
-        _report_scratch(out_dir, resumable, names, remove_scratch(claimed, keep=has_progress))
+    with claim_ended_scratch(out_dir) as claims:
+        # The progress of this run's inputs stays claimed (locked) for the whole run, so
+        # that no other run resumes or deletes it meanwhile; the rest is let go at once.
+        resumable = find_saved_progress(claims.folders)
+        removed = remove_scratch(claims.folders, keep=has_progress)
+        claims.release([r.path for r in removed])
+        _report_scratch(out_dir, resumable, names, removed)
+        claims.release([f for n, fs in resumable.items() if n not in names for f in fs])
         record.save()
         # Reader processes, when they will be wanted, start now: their imports then overlap
         # the first slide's opening and tissue detection, and they serve every slide.

@@ -15,18 +15,18 @@ which rules out Windows.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hisynseg.inference.scratch import remove_folder
 
 __all__ = [
     "PROGRESS_SUFFIX",
@@ -196,6 +196,5 @@ def adopt_progress(
                     if item.name.startswith(f"{name}."):
                         os.replace(item, scratch / item.name)
                 adopted = (progress, folder)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(folder)
+        remove_folder(folder)
     return adopted
