@@ -326,3 +326,39 @@ def test_resuming_with_reader_processes_gives_the_same_outputs(tmp_path: Path) -
     expected = _outputs(tmp_path / "ref")
     np.testing.assert_array_equal(_outputs(out)[0], expected[0])
     np.testing.assert_array_equal(_outputs(out)[1], expected[1])
+
+
+def test_of_several_saved_progresses_the_furthest_is_resumed_and_restart_discards_all(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    slide, out = tmp_path / "slide.tif", tmp_path / "out"
+    _slide(slide)
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs([slide], _Backend(stop_at=6), 4, LABELS, out, _options(), model_key="m")
+    (furthest,) = _hidden(out)
+    done = SlideProgress.load(furthest / f"slide{PROGRESS_SUFFIX}").next_tile
+    # An earlier run of the same input, killed sooner (its folder sorts first).
+    behind = out / f"{SCRATCH_PREFIX}aaa.1.aaaaaaaa"
+    shutil.copytree(furthest, behind)
+    earlier = SlideProgress.load(behind / f"slide{PROGRESS_SUFFIX}")
+    earlier.next_tile = 2
+    earlier.save(behind / f"slide{PROGRESS_SUFFIX}")
+    predict_inputs([slide], _Backend(), 4, LABELS, tmp_path / "ref", _options(), model_key="m")
+
+    (result,) = predict_inputs([slide], _Backend(), 4, LABELS, out, _options(), model_key="m")
+    assert result.details["tiles_resumed"] == done > 2
+    np.testing.assert_array_equal(_outputs(out)[0], _outputs(tmp_path / "ref")[0])
+    assert _hidden(out) == []  # the other one is deleted: it could never be resumed
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_inputs(
+            [slide], _Backend(stop_at=6), 4, LABELS, out, _options(overwrite=True), model_key="m"
+        )
+    backend = _Backend()
+    restart = _options(overwrite=True, resume=False)
+    (result,) = predict_inputs([slide], backend, 4, LABELS, out, restart, model_key="m")
+    assert result.details["tiles_resumed"] == 0
+    assert backend.tiles == result.details["tiles_predicted"]
+    assert _hidden(out) == []

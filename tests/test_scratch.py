@@ -235,3 +235,17 @@ def test_without_file_locks_nothing_is_kept_or_taken_for_abandoned(
         assert not (folder / ".owner").exists()  # so no run could take it for abandoned
         raise KeyboardInterrupt
     assert not folder.exists()  # and nothing is kept that no run could resume
+
+
+def test_a_scratch_folder_that_cannot_be_set_up_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.inference.scratch as scratch
+
+    def full_disk(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scratch.os, "rename", full_disk)
+    with pytest.raises(OSError, match="No space"), scratch_folder(tmp_path):
+        pass
+    assert list(tmp_path.iterdir()) == []

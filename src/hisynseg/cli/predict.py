@@ -29,7 +29,8 @@ resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File >
 objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
 versions, status of every input). Inputs whose outputs exist are skipped unless
 --overwrite. A slide's progress is saved every minute: re-running the same command after
-Ctrl-C, a time limit or a crash goes on from there (not on Windows). A failing input is reported and
+Ctrl-C, a time limit or a crash goes on from there (also with --overwrite; --restart
+starts afresh; not on Windows). A failing input is reported and
 skipped; the exit status is 0 when all inputs succeeded, 1 otherwise. Each input gets a
 line; with more than 50 inputs, only failures do, and a bar counts the inputs.
 
@@ -126,6 +127,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-geojson", action="store_true", help="skip the QuPath GeoJSON")
     p.add_argument("--overwrite", action="store_true", help="predict inputs again")
     p.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the saved progress of interrupted slides and predict them from the "
+        "first tile (default: go on from it)",
+    )
+    p.add_argument(
         "--max-tiles",
         type=positive_int,
         metavar="N",
@@ -177,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         workers=args.workers,
         tile_loader=args.tile_loader,
+        resume=not args.restart,
     )
     options.check()  # before the (possibly large) model is loaded
     inputs = list_inputs(args.inputs)

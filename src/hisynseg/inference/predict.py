@@ -14,7 +14,8 @@ Per input ``NAME`` (the file's stem; its full name when two inputs share a stem)
 An input whose outputs all exist is skipped unless ``overwrite``. An input that fails
 (unreadable file, missing resolution, ...) is reported and the others go on.
 ``predict.json`` in the folder records the options, the versions and every input's
-status; it is rewritten after each input, so an interrupted run leaves it current.
+status; it is rewritten every few seconds as inputs finish, at the end, and when the run
+is interrupted (a run killed outright may leave the last few seconds' inputs out).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class PredictOptions:
         progress_every: Seconds between two saves of a slide's progress, which an
             interrupted prediction resumes from (with a model key; see
             :func:`predict_file`).
+        resume: Go on from a slide's saved progress (``False``: delete it and predict
+            from the first tile; progress is still saved).
     """
 
     tile: int = 512
@@ -145,6 +148,7 @@ class PredictOptions:
     workers: int | None = None
     tile_loader: str = "auto"
     progress_every: float = 60.0
+    resume: bool = True
 
     def check(self) -> None:
         """Raise :class:`PredictionError` for values that cannot work."""
@@ -300,6 +304,9 @@ def _open_canvases(
             return mask, probs, adopted[0]
         except (OSError, ValueError) as exc:
             log.warning("%s; predicting from the start", exc)
+    # Progress must never sit beside canvases it does not describe, not even for the
+    # moment before the new ones are made.
+    (scratch / f"{name}{PROGRESS_SUFFIX}").unlink(missing_ok=True)
     mask = DiskCanvas.create(mask_path, size, np.uint8)
     probs = None
     if options.save_probs:
@@ -379,13 +386,13 @@ def predict_file(
                 claims = stack.enter_context(claim_ended_scratch(out_dir))
                 saved_progress = find_saved_progress(claims.folders).get(name, [])
                 claims.release([f for f in claims.folders if f not in saved_progress])
-            adopted = adopt_progress(saved_progress, name, expected, scratch)
+            if options.resume:
+                adopted = adopt_progress(saved_progress, name, expected, scratch)
+            else:
+                adopt_progress(saved_progress, name, None, None)  # discarded
         canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
         mask, probs, resume = canvases
         progress_file = scratch / f"{name}{PROGRESS_SUFFIX}"
-        if resume is None:
-            # Adopted progress whose canvases are unusable must not outlive them.
-            progress_file.unlink(missing_ok=True)
         if resume is not None and adopted is not None:
             log.info("%s: resuming at tile %d (progress of %s)", path, resume.next_tile, adopted[1])
         save_progress = None

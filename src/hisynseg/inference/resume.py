@@ -134,10 +134,10 @@ def has_progress(folder: Path) -> bool:
     return bool(saved_progress_names(folder))
 
 
-def _read_fingerprint(path: Path) -> str | None:
+def _read_meta(path: Path) -> dict[str, Any] | None:
     try:
         with np.load(path) as data:
-            return str(json.loads(data["meta"].tobytes().decode("utf-8"))["fingerprint"])
+            return dict(json.loads(data["meta"].tobytes().decode("utf-8")))
     except Exception:  # a damaged file is simply not resumable
         return None
 
@@ -158,10 +158,10 @@ def adopt_progress(
     """Take over the saved progress of ``name`` that one of ``folders`` (scratch folders
     of ended predictions, claimed by this process) holds.
 
-    The files of the first folder whose progress of ``name`` has the ``expected``
-    fingerprint are moved into ``scratch``, and the folder is removed; so are the other
-    folders (progress for other options or models, or superseded), which this prediction
-    could never resume.
+    The files of the folder whose progress of ``name`` has the ``expected`` fingerprint
+    and got furthest are moved into ``scratch``; every folder is then removed (progress
+    for other options or models, or superseded), since this prediction could never
+    resume it.
 
     Args:
         folders: Claimed scratch folders holding progress of ``name``
@@ -174,27 +174,28 @@ def adopt_progress(
     Returns:
         The progress and the folder it came from, or ``None``.
     """
+    # Of several runs of this input killed in turn, the one that got furthest.
+    best: tuple[int, Path] | None = None
+    for folder in folders if expected is not None and scratch is not None else ():
+        meta = _read_meta(folder / f"{name}{PROGRESS_SUFFIX}")
+        if meta is not None and meta.get("fingerprint") == expected:
+            done = int(meta.get("next_tile", 0))
+            if best is None or done > best[0]:
+                best = (done, folder)
     adopted: tuple[SlideProgress, Path] | None = None
+    if best is not None and scratch is not None:
+        folder = best[1]
+        try:
+            progress = SlideProgress.load(folder / f"{name}{PROGRESS_SUFFIX}")
+            # The canvases first, the progress last: cut short, the move leaves no
+            # progress without its canvases.
+            items = sorted(folder.iterdir(), key=lambda p: p.name.endswith(PROGRESS_SUFFIX))
+            for item in items:
+                if item.name.startswith(f"{name}."):
+                    os.replace(item, scratch / item.name)
+            adopted = (progress, folder)
+        except Exception as exc:  # damaged, or taken meanwhile: predict from the start
+            log.warning("%s: saved progress unusable (%s); predicting from the start", folder, exc)
     for folder in folders:
-        saved = folder / f"{name}{PROGRESS_SUFFIX}"
-        if not saved.is_file():
-            continue
-        if (
-            adopted is None
-            and expected is not None
-            and scratch is not None
-            and _read_fingerprint(saved) == expected
-        ):
-            try:
-                progress = SlideProgress.load(saved)
-            except Exception as exc:  # damaged: predict from the start
-                log.warning(
-                    "%s: unreadable saved progress (%s); predicting from the start", saved, exc
-                )
-            else:
-                for item in folder.iterdir():
-                    if item.name.startswith(f"{name}."):
-                        os.replace(item, scratch / item.name)
-                adopted = (progress, folder)
         remove_folder(folder)
     return adopted

@@ -140,24 +140,33 @@ def scratch_folder(
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=parent))
-    owner = _lock(new / OWNER_FILE, create=True)
-    if owner is None:
-        # No lock here (Windows, a file system without them): without its .owner file no
-        # run will ever take the folder for abandoned, and it is not kept for one either.
-        (new / OWNER_FILE).unlink(missing_ok=True)
-    else:
-        os.write(owner, f"{_kernel()}\n{_host()}\n{os.getpid()}\n".encode())
-    folder = parent / f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.{new.name[len(_NEW_PREFIX) :]}"
-    os.rename(new, folder)
-    stop = threading.Event()
-    if owner is not None:
-        threading.Thread(
-            target=_heartbeat,
-            args=(folder / OWNER_FILE, stop),
-            name="scratch-heartbeat",
-            daemon=True,
-        ).start()
+    owner = None
     try:
+        owner = _lock(new / OWNER_FILE, create=True)
+        if owner is None:
+            # No lock here (Windows, a file system without them): without its .owner file
+            # no run will ever take the folder for abandoned, nor is it kept for one.
+            (new / OWNER_FILE).unlink(missing_ok=True)
+        else:
+            os.write(owner, f"{_kernel()}\n{_host()}\n{os.getpid()}\n".encode())
+        suffix = new.name[len(_NEW_PREFIX) :]
+        folder = parent / f"{SCRATCH_PREFIX}{_host()}.{os.getpid()}.{suffix}"
+        os.rename(new, folder)
+    except BaseException:
+        # Never seen by a claim (not a scratch name yet): nothing else would remove it.
+        if owner is not None:
+            os.close(owner)
+        remove_folder(new)
+        raise
+    stop = threading.Event()
+    try:
+        if owner is not None:
+            threading.Thread(
+                target=_heartbeat,
+                args=(folder / OWNER_FILE, stop),
+                name="scratch-heartbeat",
+                daemon=True,
+            ).start()
         yield folder
     except BaseException:
         if owner is None or keep is None or not keep(folder):
