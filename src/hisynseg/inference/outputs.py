@@ -325,10 +325,8 @@ def _feature_properties(labels: ClassLabels, index: int) -> dict[str, Any]:
 def _class_masks(mask: np.ndarray, labels: ClassLabels) -> Iterator[tuple[int, np.ndarray]]:
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     for index in range(len(labels.names)):
-        # 1 where the class is, compared straight into uint8 (no boolean copy).
-        binary = np.empty_like(mask)
-        np.equal(mask, index, out=binary.view(bool))
-        if cv2.countNonZero(binary):
+        binary = (mask == index).astype(np.uint8)
+        if binary.any():
             yield index, binary
 
 
