@@ -52,6 +52,7 @@ from hisynseg.inference.resume import (
     PROGRESS_SUFFIX,
     SlideProgress,
     adopt_progress,
+    discard_progress,
     find_saved_progress,
     fingerprint,
     has_progress,
@@ -389,9 +390,8 @@ def predict_file(
             if options.resume:
                 adopted = adopt_progress(saved_progress, name, expected, scratch)
             else:
-                adopt_progress(saved_progress, name, None, None)  # discarded
-        canvases = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
-        mask, probs, resume = canvases
+                discard_progress(saved_progress)
+        mask, probs, resume = _open_canvases(scratch, name, (ho, wo), num_classes, options, adopted)
         progress_file = scratch / f"{name}{PROGRESS_SUFFIX}"
         if resume is not None and adopted is not None:
             log.info("%s: resuming at tile %d (progress of %s)", path, resume.next_tile, adopted[1])
@@ -534,7 +534,7 @@ def predict_inputs(
             )
             result.details["reason"] = "outputs exist (use --overwrite to predict again)"
             # Progress left for finished outputs could never be resumed.
-            adopt_progress(resumable.get(name, []), name, None, None)
+            discard_progress(resumable.get(name, []))
         else:
             try:
                 details = predict_file(
@@ -567,7 +567,8 @@ def predict_inputs(
         # The progress of this run's inputs stays claimed (locked) for the whole run, so
         # that no other run resumes or deletes it meanwhile; the rest is let go at once.
         resumable = find_saved_progress(claims.folders)
-        removed = remove_scratch(claims.folders, keep=has_progress)
+        with_progress = {f for folders in resumable.values() for f in folders}
+        removed = remove_scratch([f for f in claims.folders if f not in with_progress])
         claims.release([r.path for r in removed])
         _report_scratch(out_dir, resumable, names, removed)
         claims.release([f for n, fs in resumable.items() if n not in names for f in fs])

@@ -32,6 +32,7 @@ __all__ = [
     "PROGRESS_SUFFIX",
     "SlideProgress",
     "adopt_progress",
+    "discard_progress",
     "find_saved_progress",
     "fingerprint",
     "has_progress",
@@ -152,8 +153,14 @@ def find_saved_progress(claimed: Sequence[Path]) -> dict[str, list[Path]]:
     return found
 
 
+def discard_progress(folders: Sequence[Path]) -> None:
+    """Delete claimed scratch folders whose progress no prediction will resume."""
+    for folder in folders:
+        remove_folder(folder)
+
+
 def adopt_progress(
-    folders: Sequence[Path], name: str, expected: str | None, scratch: Path | None
+    folders: Sequence[Path], name: str, expected: str, scratch: Path
 ) -> tuple[SlideProgress, Path] | None:
     """Take over the saved progress of ``name`` that one of ``folders`` (scratch folders
     of ended predictions, claimed by this process) holds.
@@ -167,23 +174,22 @@ def adopt_progress(
         folders: Claimed scratch folders holding progress of ``name``
             (:func:`find_saved_progress`).
         name: The input's output base name.
-        expected: :func:`fingerprint` of this prediction; ``None`` adopts nothing (and
-            so discards every saved progress of ``name``).
-        scratch: This prediction's scratch folder (with ``expected``).
+        expected: :func:`fingerprint` of this prediction.
+        scratch: This prediction's scratch folder.
 
     Returns:
         The progress and the folder it came from, or ``None``.
     """
     # Of several runs of this input killed in turn, the one that got furthest.
     best: tuple[int, Path] | None = None
-    for folder in folders if expected is not None and scratch is not None else ():
+    for folder in folders:
         meta = _read_meta(folder / f"{name}{PROGRESS_SUFFIX}")
         if meta is not None and meta.get("fingerprint") == expected:
             done = int(meta.get("next_tile", 0))
             if best is None or done > best[0]:
                 best = (done, folder)
     adopted: tuple[SlideProgress, Path] | None = None
-    if best is not None and scratch is not None:
+    if best is not None:
         folder = best[1]
         try:
             progress = SlideProgress.load(folder / f"{name}{PROGRESS_SUFFIX}")
@@ -196,6 +202,5 @@ def adopt_progress(
             adopted = (progress, folder)
         except Exception as exc:  # damaged, or taken meanwhile: predict from the start
             log.warning("%s: saved progress unusable (%s); predicting from the start", folder, exc)
-    for folder in folders:
-        remove_folder(folder)
+    discard_progress(folders)
     return adopted

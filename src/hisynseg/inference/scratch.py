@@ -282,22 +282,17 @@ def scratch_size(folder: Path) -> int:
     return total
 
 
-def remove_scratch(
-    claimed: Sequence[Path], keep: Callable[[Path], bool] | None = None
-) -> list[StaleScratch]:
+def remove_scratch(claimed: Sequence[Path]) -> list[StaleScratch]:
     """Delete claimed scratch folders (:func:`claim_ended_scratch`).
 
     Args:
         claimed: Folders this process holds the lock of.
-        keep: Folders for which this is true stay (saved progress a later run resumes).
 
     Returns:
         What was removed.
     """
     removed = []
     for folder in claimed:
-        if keep is not None and keep(folder):
-            continue
         size = scratch_size(folder)
         remove_folder(folder)
         if not folder.exists():

@@ -681,8 +681,8 @@ def predict_slide(
         with ThreadPoolExecutor(max_workers=1) as blender:
             reads: deque[Future[LoadedBatch]] = deque()
             launched: deque[tuple[Sequence[tuple[int, int]], LoadedBatch, Any]] = deque()
-            ends = iter(range(first + batch_size, len(tiles) + batch_size, batch_size))
             queued = 0
+            blended_to = first  # index after the last tile handed to the blending thread
             blending: Future[None] | None = None
 
             def read_ahead(holding: int = 0) -> None:
@@ -697,7 +697,7 @@ def predict_slide(
 
             def finish_oldest() -> None:
                 """Collect the oldest launched batch and hand it to the blending thread."""
-                nonlocal blending, predict_seconds
+                nonlocal blending, blended_to, predict_seconds
                 batch, loaded, started = launched.popleft()
                 t0 = time.perf_counter()
                 probs = _collect(started)
@@ -705,8 +705,8 @@ def predict_slide(
                 check_shape(probs, len(batch), t // d)
                 if blending is not None:
                     blending.result()
-                end = min(next(ends), len(tiles))
-                blending = blender.submit(blend_batch, batch, probs, loaded, end)
+                blended_to += len(batch)
+                blending = blender.submit(blend_batch, batch, probs, loaded, blended_to)
                 bar.update(len(batch))
 
             read_ahead()
