@@ -107,6 +107,39 @@ def test_indexed_mask_round_trip_keeps_palette(tmp_path: Path) -> None:
     out[0, 0] = 1  # callers edit masks in place: the array must be writable
 
 
+def _indexed_png(path: Path, indices: np.ndarray, colours: list[list[int]]) -> None:
+    img = Image.fromarray(indices, "P")
+    img.putpalette([c for colour in colours for c in colour])
+    img.save(path)
+
+
+def test_reindexed_mask_is_read_by_its_colours(tmp_path: Path) -> None:
+    # An editor that re-indexes a mask keeps the colours and renumbers them: the colour
+    # is what says which class a pixel is.
+    mask = random_mask()
+    order = [3, 0, 4, 1, 2]  # file index i holds class order[i]
+    file_indices = np.argsort(order).astype(np.uint8)[mask]
+    _indexed_png(tmp_path / "m.png", file_indices, [list(PALETTE[c]) for c in order])
+    assert np.array_equal(read_mask(tmp_path / "m.png", PALETTE), mask)
+    # Without the dataset's palette there is nothing to compare with: raw indices.
+    assert np.array_equal(read_mask(tmp_path / "m.png"), file_indices)
+
+
+def test_indexed_mask_with_a_display_palette_reads_its_indices(tmp_path: Path) -> None:
+    mask = random_mask()
+    grey_ramp = [[v, v, v] for v in range(0, 250, 50)]
+    _indexed_png(tmp_path / "m.png", mask, grey_ramp)
+    assert np.array_equal(read_mask(tmp_path / "m.png", PALETTE), mask)
+
+
+def test_indexed_mask_mixing_our_colours_and_foreign_ones_is_an_error(tmp_path: Path) -> None:
+    mask = random_mask()
+    colours = [list(PALETTE[1]), [1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    _indexed_png(tmp_path / "m.png", mask, colours)
+    with pytest.raises(MaskColourError, match=r"m\.png: .*index 0 .*class 1"):
+        read_mask(tmp_path / "m.png", PALETTE)
+
+
 def test_greyscale_mask_reads_values(tmp_path: Path) -> None:
     mask = random_mask()
     Image.fromarray(mask, "L").save(tmp_path / "m.png")

@@ -19,6 +19,7 @@ from hisynseg.datasets.layouts import list_synthetic
 from hisynseg.datasets.toy import ToyDataset, make_toy_dataset
 from hisynseg.synthesis.bezier import BezierParams
 from hisynseg.synthesis.generate import (
+    FILTERED_STREAM,
     JOURNAL_FILE,
     MANIFEST_FILE,
     SETTINGS_FILE,
@@ -325,7 +326,9 @@ def test_keep_filter_with_a_predicate(toys: dict[str, ToyDataset], tmp_path: Pat
         accepted = [
             j
             for j in range(s.draws)
-            if toy.spec.labels_from_mask(generate_one(pool, "bezier", params, 0, j).mask)[0]
+            if toy.spec.labels_from_mask(
+                generate_one(pool, "bezier", params, 0, j, FILTERED_STREAM).mask
+            )[0]
         ]
         assert draws == accepted and s.draws == draws[-1] + 1
         assert s.acceptance_rate == pytest.approx(12 / s.draws) and s.acceptance_rate < 1
@@ -352,6 +355,31 @@ def test_keep_filter_with_a_predicate(toys: dict[str, ToyDataset], tmp_path: Pat
     )
     assert (s.written, s.skipped) == (1, 11)
     assert folder_bytes(tmp_path / "w1") == before
+
+
+def test_filtered_images_are_fresh_draws_not_the_unfiltered_ones(
+    toys: dict[str, ToyDataset], tmp_path: Path
+) -> None:
+    """The discriminator learnt the unfiltered set of a seed: filtering must not reuse it."""
+    toy = toys["luad-histoseg"]
+    pool = SourcePool.build(toy.root, toy.spec, progress=False)
+    params = small("mosaic", toy)
+    common = dict(seed=3, params=params, pool=pool, progress=False)
+    synthesize(None, toy.spec, "mosaic", 16, tmp_path / "plain", **common)
+    synthesize(
+        None,
+        toy.spec,
+        "mosaic",
+        16,
+        tmp_path / "kept",
+        keep=lambda images, masks, labels: np.ones(len(images), dtype=bool),
+        batch_size=8,
+        **common,
+    )
+    plain = {p.read_bytes() for p in (tmp_path / "plain" / "img").iterdir()}
+    kept = {p.read_bytes() for p in (tmp_path / "kept" / "img").iterdir()}
+    assert len(plain) == len(kept) == 16
+    assert not plain & kept
 
 
 def test_keep_filter_scores_threshold_and_max_draws(
@@ -493,6 +521,12 @@ def test_cli(toys: dict[str, ToyDataset], tmp_path: Path, capsys: pytest.Capture
 
     assert main([*argv, "--seed", "9"]) == 2
     assert "different settings" in capsys.readouterr().err
+    default_png = tmp_path / "default-png"
+    assert main([*argv, "--out", str(default_png), "--png-strategy", "default"]) == 0
+    capsys.readouterr()
+    assert json.loads((default_png / SETTINGS_FILE).read_text())["settings"]["png_strategy"] == (
+        "default"
+    )
     bad = [
         "synthesize",
         str(toy.root),

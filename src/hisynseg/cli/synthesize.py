@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         params=params,
         progress=not args.no_progress,
         compress_level=args.compress_level,
+        png_strategy=args.png_strategy,
         keep=keep,
         keep_threshold=0.5 if args.keep_threshold is None else args.keep_threshold,
         max_draws=args.max_draws,

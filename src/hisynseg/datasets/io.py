@@ -161,18 +161,27 @@ def read_mask(
 ) -> np.ndarray:
     """Read a label mask as an ``H×W`` ``uint8`` array of class indices.
 
-    Indexed ("P") and greyscale masks are read as their index values. An RGB mask is
-    mapped through ``palette``; a colour not in the palette is an error.
+    Greyscale masks are read as their values and indexed ("P") masks as their indices,
+    unless the file's own palette gives those indices other classes' colours of
+    ``palette``: then the mask was re-indexed by an editor (or PIL's ``quantize``) and is
+    mapped through its colours instead. An RGB mask is mapped through ``palette``; a
+    colour not in the palette is an error.
 
     Raises:
         ImageReadError: Unreadable file.
-        MaskColourError: An RGB mask with a colour outside ``palette``, or a 16/32-bit
-            mask with a value above 255.
+        MaskColourError: An RGB mask with a colour outside ``palette``, an indexed mask
+            whose palette mixes the dataset's colours in other places with foreign ones,
+            or a 16/32-bit mask with a value above 255.
     """
     path = Path(path)
     img = _open_image(path)
-    if img.mode in ("P", "L"):
+    if img.mode == "L":
         return np.array(img, dtype=np.uint8)
+    if img.mode == "P":
+        indices = np.array(img, dtype=np.uint8)
+        if palette is None:
+            return indices
+        return _indices_by_colour(path, indices, img.getpalette() or [], palette)
     if img.mode in ("I", "I;16"):
         values = np.asarray(img)
         # Casting to uint8 would wrap 256 to 0 and pass a bad mask off as a valid one.
@@ -196,6 +205,45 @@ def read_mask(
             raise MaskColourError(f"{path}: mask colours {bad} are not in the dataset's palette")
         return out
     raise ImageReadError(f"{path}: unsupported mask mode {img.mode!r}")
+
+
+def _indices_by_colour(
+    path: Path,
+    indices: np.ndarray,
+    file_palette: Sequence[int],
+    palette: Sequence[Sequence[int]],
+) -> np.ndarray:
+    """Class indices of an indexed mask, trusting its palette where it names our colours.
+
+    The file's palette is the only record of which class an index meant when the indices
+    are not ours. Three cases: every index present shows the dataset colour of its own
+    class (the usual file: read as is); every one shows some dataset colour (re-indexed:
+    map by colour); none shows another class's colour (a display palette, such as a grey
+    ramp: read as is). Anything else cannot be read either way with confidence.
+    """
+    ours = {tuple(int(c) for c in colour): index for index, colour in enumerate(palette)}
+    present = np.unique(indices)
+    colours = {}
+    for value in present.tolist():
+        rgb = tuple(int(c) for c in file_palette[3 * value : 3 * value + 3])
+        colours[value] = rgb if len(rgb) == 3 else None
+    if all(ours.get(rgb) == value for value, rgb in colours.items()):
+        return indices
+    if all(rgb in ours for rgb in colours.values()):
+        lookup = np.arange(256, dtype=np.uint8)
+        for value, rgb in colours.items():
+            lookup[value] = ours[rgb]
+        return lookup[indices]
+    foreign = [v for v, rgb in colours.items() if rgb in ours and ours[rgb] != v]
+    if not foreign:
+        return indices
+    value = foreign[0]
+    raise MaskColourError(
+        f"{path}: indexed mask's palette shows index {value} in colour "
+        f"{list(colours[value])}, the dataset's colour of class {ours[colours[value]]}, "
+        "while other indices have colours outside the dataset's palette; save the mask "
+        "with the dataset's palette (or as RGB in its colours)"
+    )
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -17,7 +17,10 @@ Determinism: draw ``j`` uses ``np.random.default_rng([seed, method_id, j])`` and
 else, so every image is byte-identical whatever the number of workers, the order in which
 they finish, or how often the run was interrupted. Without a filter, image ``i`` is draw
 ``i``. With a filter (``keep``), draws are made in order and the ``k``-th kept draw becomes
-image ``k``; the result is deterministic as long as ``keep`` is.
+image ``k``; the result is deterministic as long as ``keep`` is. Filtered draws come from
+their own stream, ``default_rng([seed, method_id, j, 1])``: the filter's discriminator was
+trained on the unfiltered draws of the same seed, and filtering must judge fresh images
+(METHOD §4), not the ones it learnt to call fake.
 
 Resume: a re-run with the same settings writes only what is missing (an image is complete
 when both its ``img`` and ``mask`` files exist, matched by the ``{method}_{index:06d}``
@@ -89,6 +92,10 @@ log = logging.getLogger(__name__)
 
 # Method name -> the id mixed into every draw's seed (never change: it fixes the output).
 METHODS: dict[str, int] = {"mosaic": 1, "bezier": 2}
+# Draw streams: appended to a filtered run's seed words (never 0: SeedSequence pads short
+# entropy with zeros, so an appended 0 would give the plain stream again).
+PLAIN_STREAM = 0
+FILTERED_STREAM = 1
 MANIFEST_FILE = "manifest.csv"
 SETTINGS_FILE = "synthesis.json"
 JOURNAL_FILE = ".journal.jsonl"
@@ -176,10 +183,22 @@ def default_params(method: str, spec: DatasetSpec | None = None) -> SynthesisPar
 
 
 def generate_one(
-    pool: SourcePool, method: str, params: SynthesisParams, seed: int, draw: int
+    pool: SourcePool,
+    method: str,
+    params: SynthesisParams,
+    seed: int,
+    draw: int,
+    stream: int = PLAIN_STREAM,
 ) -> Synthesized:
-    """Draw number ``draw`` of ``method``: a pure function of ``(seed, method, draw)``."""
-    rng = np.random.default_rng([seed, METHODS[method], draw])
+    """Draw number ``draw`` of ``method``: a pure function of ``(seed, method, draw, stream)``.
+
+    ``stream`` is :data:`PLAIN_STREAM` for unfiltered sets and :data:`FILTERED_STREAM` for
+    filtered ones, so the two never share a draw.
+    """
+    words = [seed, METHODS[method], draw]
+    if stream != PLAIN_STREAM:
+        words.append(stream)
+    rng = np.random.default_rng(words)
     if method == "mosaic":
         assert isinstance(params, MosaicParams)
         return mosaic(pool, rng, params)
@@ -225,6 +244,7 @@ class _Job:
     out: Path
     compress_level: int
     png_strategy: str
+    stream: int = PLAIN_STREAM
 
 
 # The worker's (job, pool): set in the parent before forking (inherited copy-on-write), or
@@ -254,7 +274,7 @@ def _make(draw: int) -> tuple[Synthesized, np.ndarray]:
     if _STATE is None:
         raise SynthesisError(_INIT_ERROR or "worker has no synthesis state")
     job, pool = _STATE
-    sample = generate_one(pool, job.method, job.params, job.seed, draw)
+    sample = generate_one(pool, job.method, job.params, job.seed, draw, job.stream)
     return sample, job.spec.labels_from_mask(sample.mask)
 
 
@@ -526,7 +546,8 @@ def synthesize(
         method: ``"mosaic"`` or ``"bezier"``.
         num: Images wanted in ``out`` (kept images, with a filter).
         out: Output folder (created).
-        seed: Global seed; draw ``j`` uses ``default_rng([seed, method_id, j])``.
+        seed: Global seed; draw ``j`` uses ``default_rng([seed, method_id, j])``, with
+            ``FILTERED_STREAM`` appended when filtering.
         workers: Processes (``<= 0``: one per CPU core). The output does not depend on it.
         params: Method settings; ``None``: :func:`default_params` for ``spec``.
         progress: Show progress bars.
@@ -585,7 +606,11 @@ def synthesize(
         "png_strategy": png_strategy,
         "filter": None
         if keep is None
-        else {"keep": _describe_keep(keep), "threshold": keep_threshold},
+        else {
+            "keep": _describe_keep(keep),
+            "threshold": keep_threshold,
+            "draw_stream": FILTERED_STREAM,
+        },
     }
     # Check what can be checked before the (slow) decoding of the sources.
     _check_folder(out, settings, [k for k in settings if k != "sources"])
@@ -613,7 +638,8 @@ def synthesize(
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     summary = SynthesisSummary(out=out, method=method, requested=num)
-    job = _Job(spec, method, params, seed, out, compress_level, png_strategy)
+    stream = PLAIN_STREAM if keep is None else FILTERED_STREAM
+    job = _Job(spec, method, params, seed, out, compress_level, png_strategy, stream)
     journal_path = out / JOURNAL_FILE
     records, draws_done = _read_journal(journal_path)
     with _Runner(job, pool, workers) as runner, open(journal_path, "a") as journal:
