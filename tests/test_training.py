@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -169,6 +170,28 @@ def test_train_transform_fills_masks_with_the_ignore_index() -> None:
         seen |= set(np.unique(out["mask"]).tolist())
     # Rotations and distortions bring in border pixels: they are 4, never a made-up class 0.
     assert seen == {0, 4}
+
+
+def test_train_transform_fills_images_with_white() -> None:
+    """Pixels brought in from outside are white slide background in every transform."""
+    import albumentations as A
+
+    t = train_transform(SIZE, fill_index=4)
+    image = np.full((80, 80, 3), 120, np.uint8)
+    mask = np.zeros((80, 80), np.uint8)
+    white = (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225]
+    grey = (120 / 255 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225]
+    filled = 0
+    t.set_random_seed(0)
+    for _ in range(60):
+        out = t(image=image, mask=mask)
+        fill = out["image"][out["mask"] == 4]
+        filled += len(fill)
+        # Each pixel lies between grey and white on every channel alike: no colour cast.
+        share = (fill - grey) / (white - grey)
+        assert np.ptp(share, axis=1).max(initial=0) < 0.02
+    assert filled > 0
+    assert any(isinstance(x, A.OpticalDistortion) for x in t.transforms)
     reflect = train_transform(SIZE, fill_index=4, border="reflect")
     assert all(set(np.unique(reflect(image=image, mask=mask)["mask"])) == {0} for _ in range(20))
 
@@ -323,8 +346,9 @@ def test_split_forward_runs_each_batch_on_its_own() -> None:
     passes by hand, and differs from the joint pass, whose BatchNorm sees both batches."""
     torch.manual_seed(0)
     spec = get_dataset_spec("luad-histoseg")
-    split = make_module(spec, ["trainer.split_forward=true"]).train()
-    joint = make_module(spec).train()
+    split = make_module(spec).train()  # the default, as the reference
+    assert split.cfg.trainer.split_forward
+    joint = make_module(spec, ["trainer.split_forward=false"]).train()
     joint.load_state_dict(split.state_dict())
     batch = _fixed_batch()
     with torch.no_grad():
@@ -439,6 +463,50 @@ def test_resume_continues_from_the_last_checkpoint(trained: dict) -> None:
     assert second["epochs"] == 2 and second["global_step"] == 6
     assert checkpoint_meta(trained["out"] / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert second["best_val"]["epoch"] in (0, 1)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    trained: dict, tmp_path: Path
+) -> None:
+    """The resumed epoch gets its own shuffle, augmentations and dropout, not epoch 0's."""
+    cfg = load_config(trained["out"] / "config.yaml")
+    straight = train(apply_overrides(cfg, ["trainer.epochs=2", f"out={tmp_path / 'straight'}"]))
+    resumed = torch.load(trained["out"] / "checkpoints" / "last.ckpt", weights_only=False)
+    uninterrupted = torch.load(straight.last_checkpoint, weights_only=False)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 6
+    for key, value in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, msg=key)
+
+
+def test_resuming_into_another_folder_keeps_the_best_epoch(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch worse than the resumed run's best must not replace best.ckpt."""
+    import hisynseg.evaluation.metrics as metrics
+
+    old_best = trained["out"] / "checkpoints" / "best.ckpt"
+    old = torch.load(old_best, weights_only=False)
+    real_scores = metrics.scores_from_confusion
+
+    def worse(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        scores = real_scores(*args, **kwargs)
+        scores["miou"] = -1.0
+        return scores
+
+    monkeypatch.setattr(metrics, "scores_from_confusion", worse)
+    copy = tmp_path / "elsewhere.ckpt"
+    shutil.copy(trained["out"] / "checkpoints" / "last.ckpt", copy)
+    cfg = load_config(trained["out"] / "config.yaml")
+    result = train(
+        apply_overrides(
+            cfg, ["trainer.epochs=3", f"trainer.resume={copy}", f"out={tmp_path / 'next'}"]
+        )
+    )
+    assert result.best_checkpoint == tmp_path / "next" / "checkpoints" / "best.ckpt"
+    best = torch.load(result.best_checkpoint, weights_only=False)
+    assert best["epoch"] == old["epoch"]
+    assert result.metrics["best_val"]["epoch"] == trained["second"]["best_val"]["epoch"]
+    assert result.metrics["best_val_miou"] == trained["second"]["best_val_miou"]
 
 
 def test_load_segmenter_rebuilds_the_trained_network(trained: dict) -> None:

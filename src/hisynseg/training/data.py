@@ -26,7 +26,7 @@ training patch are predicted with sliding windows of the patch size (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "LabelledSamples",
     "EvalSamples",
     "HisynSegDataModule",
+    "EpochSeededLoader",
     "seed_worker_transform",
 ]
 
@@ -183,6 +184,57 @@ def _synthetic_items(folders: Sequence[str], spec: DatasetSpec) -> list[tuple[Pa
     return items
 
 
+class EpochSeededLoader(DataLoader):
+    """A training loader whose every pass is seeded from ``(seed, epoch, pass, rank)``.
+
+    Each ``iter()`` (one per epoch, more when ``max_size_cycle`` restarts the shorter
+    loader) re-seeds the loader's own generator, which shuffles and hands out the worker
+    seeds, and the dataset's in-process augmentation stream. A run resumed at epoch ``e``
+    therefore sees exactly the batches an uninterrupted run sees there, wherever Lightning
+    happens to open the iterator. Workers are never persistent: they would carry their
+    augmentation streams across epochs.
+
+    Args:
+        dataset: A dataset with an albumentations ``transform`` attribute (or none).
+        seed: The run's seed.
+        epoch: Returns the current epoch (the trainer's, restored on resume).
+        rank: Returns the process's global rank (distinct DDP streams).
+        **kwargs: Passed to :class:`~torch.utils.data.DataLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        seed: int,
+        epoch: Callable[[], int],
+        rank: Callable[[], int],
+        **kwargs: Any,
+    ):
+        kwargs["persistent_workers"] = False
+        kwargs["generator"] = torch.Generator()
+        super().__init__(dataset, **kwargs)
+        self.run_seed = seed
+        self.epoch_of = epoch
+        self.rank_of = rank
+        self.passes = (-1, 0)  # (epoch, passes opened in it)
+
+    def __iter__(self) -> Any:
+        epoch = self.epoch_of()
+        done = self.passes[1] if self.passes[0] == epoch else 0
+        self.passes = (epoch, done + 1)
+        seed = int(
+            np.random.SeedSequence([self.run_seed, epoch, done, self.rank_of()]).generate_state(1)[
+                0
+            ]
+        )
+        self.generator.manual_seed(seed)
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(seed)
+        return super().__iter__()
+
+
 class HisynSegDataModule(L.LightningDataModule):
     """Loaders for one training stage, built from a :class:`~hisynseg.config.Config`.
 
@@ -241,17 +293,35 @@ class HisynSegDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(
+        common: dict[str, Any] = {
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": seed_worker_transform if workers > 0 else None,
+        }
+        if not shuffle:
+            return DataLoader(dataset, persistent_workers=workers > 0, **common)
+        return EpochSeededLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            seed=self.cfg.trainer.seed,
+            epoch=self._current_epoch,
+            rank=self._global_rank,
+            shuffle=True,
             # A last batch of one image would break BatchNorm's training statistics.
-            drop_last=shuffle and len(dataset) > batch_size,
-            worker_init_fn=seed_worker_transform if workers > 0 else None,
+            drop_last=len(dataset) > batch_size,
+            **common,
         )
+
+    def _current_epoch(self) -> int:
+        # The count Lightning hands to samplers' set_epoch: unlike ``current_epoch`` it
+        # already names the next epoch when a run resumed from an epoch's end opens its
+        # first iterator.
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
+    def _global_rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_datasets(self) -> dict[str, Dataset]:
         """The training sets by batch key: ``"labelled"`` and, in stage 1, ``"real"``."""

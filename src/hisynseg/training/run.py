@@ -228,6 +228,7 @@ def train(cfg: Config) -> TrainResult:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from hisynseg.training.callbacks import BestCheckpoint, EpochSeeding
     from hisynseg.training.data import HisynSegDataModule
     from hisynseg.training.module import HisynSegModule
 
@@ -263,7 +264,7 @@ def train(cfg: Config) -> TrainResult:
     )
 
     ckpt_dir = out / CHECKPOINT_DIR
-    best_cb = ModelCheckpoint(
+    best_cb = BestCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
         monitor="val/miou",
@@ -292,7 +293,7 @@ def train(cfg: Config) -> TrainResult:
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
-        callbacks=[best_cb, last_cb],
+        callbacks=[EpochSeeding(cfg.trainer.seed), best_cb, last_cb],
         logger=[
             TensorBoardLogger(out, name="logs", version="tensorboard", default_hp_metric=False),
             # One CSV folder per session (logs/csv/version_N): Lightning's CSV logger
