@@ -153,3 +153,17 @@ def test_yaml_values_are_type_checked() -> None:
 def test_validation_rejects_out_of_range_values(override: str) -> None:
     with pytest.raises(ConfigError):
         validate_config(apply_overrides(Config(), [override]))
+
+
+def test_pseudo_masks_outside_stage_2_are_refused_and_pseudo_means_stage_2() -> None:
+    from hisynseg.cli import build_parser
+    from hisynseg.cli.train import build_config
+
+    with pytest.raises(ConfigError, match="only read in stage 2"):
+        validate_config(apply_overrides(Config(), ["data.pseudo_masks=pm"]))
+    validate_config(apply_overrides(Config(), ["stage=2", "data.pseudo_masks=pm"]))
+    args = build_parser().parse_args(["train", "--data", "d", "--pseudo", "pm", "--out", "o"])
+    assert build_config(args).stage == 2
+    args = build_parser().parse_args(["train", "--data", "d", "--pseudo", "pm", "--stage", "1"])
+    with pytest.raises(ConfigError, match="only read in stage 2"):
+        validate_config(build_config(args))

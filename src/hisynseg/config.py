@@ -142,10 +142,10 @@ class TrainerConfig:
         limit_val_batches: The same for validation.
         channels_last: Use the channels-last memory format (faster convolutions on GPU).
         split_forward: In stage 1, run the synthetic and the real batch through the
-            network in two forward passes (one optimizer step on the summed loss) instead
-            of one concatenated pass. The loss is the same sum; BatchNorm statistics are
-            then per batch. On CPUs one pass over 2N images can cost more than two passes
-            over N (see ``benchmarks/train_step.py``); on GPUs the joint pass is faster.
+            network in two forward passes before one optimizer step on the summed loss,
+            as the reference does (default). ``False`` runs one concatenated pass: faster
+            on GPUs, but BatchNorm then normalises the two batches together and its
+            running statistics follow the mixture, which changes the training.
         sync_batchnorm: Synchronise BatchNorm statistics across DDP processes.
         log_every_n_steps: Logging interval of the training losses.
         progress_bar: Show a progress bar.
@@ -163,7 +163,7 @@ class TrainerConfig:
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
     channels_last: bool = False
-    split_forward: bool = False
+    split_forward: bool = True
     sync_batchnorm: bool = False
     log_every_n_steps: int = 50
     progress_bar: bool = True
@@ -499,6 +499,11 @@ def validate_config(cfg: Config) -> None:
 
     need(cfg.stage in (1, 2), f"stage: must be 1 or 2, got {cfg.stage}")
     d = cfg.data
+    need(
+        cfg.stage == 2 or d.pseudo_masks is None,
+        f"data.pseudo_masks: {d.pseudo_masks} is only read in stage 2; set stage: 2 "
+        "(--stage 2) or leave the pseudo-masks out",
+    )
     need(d.patch_size >= 32, f"data.patch_size: must be at least 32, got {d.patch_size}")
     need(d.patch_size % 32 == 0, f"data.patch_size: must be a multiple of 32, got {d.patch_size}")
     for name in ("batch_size_synthetic", "batch_size_real", "val_batch_size"):

@@ -103,6 +103,9 @@ def build_config(args: argparse.Namespace) -> Config:
         d.dataset = args.dataset
     if args.pseudo is not None:
         d.pseudo_masks = args.pseudo
+        # Pseudo-masks are stage 2's data: --pseudo alone means stage 2.
+        if args.stage is None:
+            cfg.stage = 2
     if args.no_unlabeled:
         d.real_unlabeled = False
     if args.stage is not None:

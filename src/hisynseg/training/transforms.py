@@ -59,7 +59,9 @@ def train_transform(patch_size: int, fill_index: int, border: str = "constant") 
     mode = _BORDERS[border]
     fill: dict[str, Any] = {"border_mode": mode}
     if mode == cv2.BORDER_CONSTANT:
-        fill.update(fill=255, fill_mask=fill_index)
+        # Per channel: OpticalDistortion hands a scalar to cv2.remap, which fills only
+        # the first channel with it (red, not white).
+        fill.update(fill=(255, 255, 255), fill_mask=fill_index)
     return A.Compose(
         [
             A.RandomResizedCrop(size=(patch_size, patch_size), scale=(0.9, 1.0)),
@@ -69,6 +71,8 @@ def train_transform(patch_size: int, fill_index: int, border: str = "constant") 
                 translate_percent=(-0.0625, 0.0625),
                 scale=(0.9, 1.1),
                 rotate=(-45, 45),
+                # One scale for both axes, as ShiftScaleRotate had.
+                keep_ratio=True,
                 p=0.5,
                 **fill,
             ),
