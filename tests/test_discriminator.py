@@ -8,12 +8,17 @@ on a few dozen images in a couple of seconds.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from hisynseg.cli import main
@@ -28,13 +33,15 @@ from hisynseg.synthesis.discriminator import (
     RealnessScorer,
     binary_metrics,
     load_filter,
+    preprocess_images,
     save_filter,
     select_best_epoch,
     split_real_fake,
     train_filter,
 )
-from hisynseg.synthesis.generate import synthesize
+from hisynseg.synthesis.generate import FILTERED_STREAM, generate_one, synthesize
 from hisynseg.synthesis.mosaic import MosaicParams
+from hisynseg.synthesis.pool import SourcePool
 
 SIZE = 32
 TINY = MosaicParams(tile_size=SIZE // 2, output_size=SIZE)
@@ -225,6 +232,136 @@ def test_train_filter_refuses_a_set_of_another_dataset(
     assert not (tmp_path / "f" / "filter.pt").exists()
 
 
+def test_training_images_are_flipped_and_validation_ones_are_not(
+    problem: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[disc._FileDataset] = []
+
+    class Recording(disc._FileDataset):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    class DatasetsMade(Exception):
+        pass
+
+    def stop() -> nn.Module:
+        raise DatasetsMade  # the datasets are all this test needs; skip the training
+
+    monkeypatch.setattr(disc, "_FileDataset", Recording)
+    monkeypatch.setattr(disc, "build_discriminator", stop)
+    config = FilterTrainConfig(epochs=1, batch_size=8, image_size=SIZE, device="cpu")
+    spec = get_dataset_spec("luad-histoseg")
+    with pytest.raises(DatasetsMade):
+        train_filter(
+            problem["root"],
+            spec,
+            problem["syn"],
+            tmp_path,
+            method="mosaic",
+            config=config,
+            progress=False,
+        )
+    train, val = made
+    assert set(train.paths).isdisjoint(val.paths)
+
+    def seen_variants(dataset: disc._FileDataset) -> set[str]:
+        # A synthetic image whose four flips differ, so each item tells which one it got.
+        i = next(k for k, t in enumerate(dataset.targets) if t == disc.FAKE_INDEX)
+        plain = preprocess_images([read_rgb(dataset.paths[i])], SIZE)[0]
+        variants = {
+            "none": plain,
+            "horizontal": plain.flip(2),
+            "vertical": plain.flip(1),
+            "both": plain.flip(1).flip(2),
+        }
+        assert all(
+            not torch.equal(a, b)
+            for a in variants.values()
+            for b in variants.values()
+            if a is not b
+        )
+        seen = set()
+        for _ in range(40):
+            x, target, error = dataset[i]
+            assert error == "" and target == disc.FAKE_INDEX
+            seen |= {name for name, v in variants.items() if torch.equal(x, v)}
+        return seen
+
+    assert seen_variants(train) == {"none", "horizontal", "vertical", "both"}
+    assert seen_variants(val) == {"none"}
+
+
+def _train_cli(problem: dict[str, Path], synthetic: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "train-filter",
+            str(problem["root"]),
+            "--dataset",
+            "luad-histoseg",
+            "--synthetic",
+            str(synthetic),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            str(SIZE),
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_damaged_images_are_named_in_one_line_before_training(
+    problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    syn = tmp_path / "syn"
+    shutil.copytree(problem["syn"], syn)
+    images = list_images(syn / "img")
+    images[0].write_bytes(b"garbage")
+    images[3].write_bytes(images[3].read_bytes()[:-30])  # truncated: pixels, no IEND
+    assert _train_cli(problem, syn, tmp_path / "f", "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "2 of the filter's" in err and images[0].name in err and images[3].name in err
+    assert not (tmp_path / "f").exists()  # refused before anything was written
+
+
+def _png_with_broken_pixel_data(size: int) -> bytes:
+    """A PNG whose chunks and checksums are intact but whose pixel stream does not inflate:
+    it passes the structural check and fails only when decoded."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buf, "PNG")
+    data, out, pos = buf.getvalue(), buf.getvalue()[:8], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            body = b"\x78\x9c" + b"\xff" * 20
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        out += struct.pack(">I", len(body)) + kind + body + crc
+        pos += 12 + length
+    return out
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_is_one_line(
+    problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    syn = tmp_path / "syn"
+    shutil.copytree(problem["syn"], syn)
+    victim = list_images(syn / "img")[0]
+    victim.write_bytes(_png_with_broken_pixel_data(SIZE))
+    assert _train_cli(problem, syn, tmp_path / "f", "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert f"{victim}: corrupt or truncated image" in err
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -369,6 +506,39 @@ def test_synthesize_with_a_filter_that_keeps_everything(
     stats = json.loads((out / "synthesis.json").read_text())["filter_stats"]
     assert stats["kept"] == 5
     assert stats["acceptance_rate"] == pytest.approx(5 / stats["draws"])
+
+
+def test_synthesize_keeps_only_images_above_the_threshold(
+    trained: Path, problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = get_dataset_spec("luad-histoseg")
+    pool = SourcePool.build(problem["root"], spec, progress=False)
+    scorer = load_filter(trained / "filter.pt", device="cpu")
+    draws = [generate_one(pool, "mosaic", TINY, 0, j, FILTERED_STREAM).image for j in range(12)]
+    scores = scorer(draws)
+    ranked = np.sort(scores)
+    assert ranked[6] - ranked[5] > 1e-4  # a threshold clear of every score
+    threshold = float(ranked[5] + ranked[6]) / 2
+    expected = [j for j in range(12) if scores[j] > threshold]
+    assert len(expected) == 6 and expected != list(range(6))  # some draws must be dropped
+    out = tmp_path / "half"
+    rc = _synthesize_cli(
+        problem,
+        out,
+        "--num",
+        "6",
+        "--filter",
+        str(trained / "filter.pt"),
+        "--keep-threshold",
+        str(threshold),
+        "--max-draws",
+        "12",
+    )
+    assert rc == 0
+    assert f"kept 6 of {expected[-1] + 1} draws" in capsys.readouterr().out
+    rows = _manifest(out)
+    assert [int(r["draw"]) for r in rows] == expected
+    assert np.allclose([float(r["score"]) for r in rows], scores[expected], atol=2e-6)
 
 
 def test_synthesize_with_a_filter_that_keeps_nothing_stops_at_max_draws(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,7 +21,7 @@ from hisynseg.synthesis.bezier import (
     random_points,
     shape_mask,
 )
-from hisynseg.synthesis.generate import default_params, generate_one
+from hisynseg.synthesis.generate import default_params, generate_one, synthesize
 from hisynseg.synthesis.pool import SourcePool, SynthesisError
 
 LAYOUTS = ("luad-histoseg", "bcss-wsss", "wsss4luad", "generic")
@@ -257,3 +259,49 @@ def test_sources_are_resized_to_the_output_size() -> None:
         for value in np.unique(sample.mask):
             inner = eroded(sample.mask == value)
             assert (sample.image[inner] == colours[value]).all()
+
+
+def test_pairs_naming_a_class_without_sources_are_refused_before_any_draw(
+    tmp_path: Path,
+) -> None:
+    spec = get_dataset_spec("wsss4luad")
+    img = np.full((64, 64, 3), (120, 40, 170), np.uint8)
+    pool = SourcePool.from_arrays(spec, [[img], [], [img]])  # no stroma sources
+    out = tmp_path / "o"
+    params = BezierParams(output_size=64, pairs=((0, 2), (0, 1), (1, 0)))
+    with pytest.raises(SynthesisError, match=r"in-memory source pool: .* 1 \(stroma\)"):
+        synthesize(None, spec, "bezier", 5, out, params=params, pool=pool, progress=False)
+    assert not list((out / "img").iterdir())
+    # Pairs between classes that have sources are fine.
+    ok = BezierParams(output_size=64, pairs=((0, 2), (2, 0)))
+    assert (
+        synthesize(None, spec, "bezier", 2, out, params=ok, pool=pool, progress=False).written == 2
+    )
+
+    # Random pairs need two classes with sources; the message names the dataset root.
+    toy = make_toy_dataset(
+        tmp_path / "d",
+        "luad-histoseg",
+        single_per_class=2,
+        multi_train=0,
+        num_val=0,
+        num_test=0,
+        patch_size=32,
+    )
+    one_class = SourcePool.build(toy.root, toy.spec, progress=False)
+    for image in one_class.sources:
+        if image.class_index != 0:
+            assert image.path is not None
+            image.path.unlink()
+    with pytest.raises(
+        SynthesisError, match=re.escape(f"{toy.root / toy.spec.layout.train}: ") + ".*only class 0"
+    ):
+        synthesize(
+            toy.root,
+            toy.spec,
+            "bezier",
+            5,
+            tmp_path / "r",
+            params=BezierParams(output_size=32),
+            progress=False,
+        )

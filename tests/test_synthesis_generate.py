@@ -261,17 +261,37 @@ def test_corrupt_source_is_named(tmp_path: Path) -> None:
         patch_size=64,
     )
     victim = sorted((toy.root / "1.training").iterdir())[2]
-    victim.write_bytes(victim.read_bytes()[:100])
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[:100])
+    out = tmp_path / "syn"
     with pytest.raises(ImageReadError, match=victim.name.replace("[", r"\[")):
-        synthesize(
-            toy.root,
-            toy.spec,
-            "mosaic",
-            2,
-            tmp_path / "syn",
-            params=SMALL["mosaic"],
-            progress=False,
-        )
+        synthesize(toy.root, toy.spec, "mosaic", 2, out, params=SMALL["mosaic"], progress=False)
+    # The output folders made before decoding do not make the folder "not empty" later.
+    victim.write_bytes(intact)
+    s = synthesize(toy.root, toy.spec, "mosaic", 2, out, params=SMALL["mosaic"], progress=False)
+    assert s.written == 2
+
+
+def test_unusable_output_folder_is_one_error_before_decoding(
+    toys: dict[str, ToyDataset],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    toy = toys["luad-histoseg"]
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "syn"
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sources were decoded before the output folder was checked")
+
+    monkeypatch.setattr(SourcePool, "build", no_decoding)
+    with pytest.raises(SynthesisError, match="afile/syn: cannot create the output folder"):
+        synthesize(toy.root, toy.spec, "mosaic", 1, out, params=SMALL["mosaic"], progress=False)
+    argv = ["synthesize", str(toy.root), "--dataset", "luad-histoseg", "--method", "bezier"]
+    assert main([*argv, "--num", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot create the output folder" in err
 
 
 def test_failed_items_are_reported_and_the_rest_written(
@@ -355,6 +375,39 @@ def test_keep_filter_with_a_predicate(toys: dict[str, ToyDataset], tmp_path: Pat
     )
     assert (s.written, s.skipped) == (1, 11)
     assert folder_bytes(tmp_path / "w1") == before
+
+
+def test_filtered_set_survives_delete_shrink_regrow(
+    toys: dict[str, ToyDataset], tmp_path: Path
+) -> None:
+    """A kept image deleted beyond a smaller --num still comes back from its own draw."""
+    toy = toys["luad-histoseg"]
+    pool = SourcePool.build(toy.root, toy.spec, progress=False)
+    out = tmp_path / "f"
+
+    def run(num: int) -> None:
+        synthesize(
+            None,
+            toy.spec,
+            "mosaic",
+            num,
+            out,
+            params=small("mosaic", toy),
+            pool=pool,
+            keep=lambda images, masks, labels: labels[:, 0] == 1,
+            batch_size=4,
+            progress=False,
+        )
+
+    run(12)
+    before, rows_before = folder_bytes(out), manifest_rows(out)
+    assert [int(r["draw"]) for r in rows_before] != list(range(12))  # some draws dropped
+    for sub in ("img", "mask"):
+        next((out / sub).glob("mosaic_000010*")).unlink()
+    run(5)
+    run(12)
+    assert manifest_rows(out) == rows_before
+    assert folder_bytes(out) == before
 
 
 def test_filtered_images_are_fresh_draws_not_the_unfiltered_ones(

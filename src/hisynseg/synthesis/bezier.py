@@ -50,6 +50,7 @@ __all__ = [
     "random_points",
     "shape_mask",
     "choose_pair",
+    "check_sources",
 ]
 
 
@@ -161,6 +162,37 @@ class BezierParams:
                 raise BezierParamsError(
                     f"bezier: pair ({a}, {b}) names a class outside 0..{num_classes - 1}"
                 )
+
+
+def check_sources(params: BezierParams, pool: SourcePool) -> None:
+    """Refuse, before any draw, class pairs that the pool cannot serve.
+
+    Without this, every draw that picks such a pair fails on its own: one error per image
+    and a set with holes instead of one message.
+
+    Raises:
+        SynthesisError: Random pairs with fewer than two classes that have sources, or a
+            listed pair naming a class without sources; the message names the class(es)
+            and where the sources came from.
+    """
+    present = set(pool.present_classes)
+    names = pool.spec.class_names
+    if isinstance(params.pairs, str):
+        if len(present) < 2:
+            have = ", ".join(f"{c} ({names[c]})" for c in sorted(present))
+            raise SynthesisError(
+                f"{pool.origin}: bezier random class pairs need single-label source images "
+                f"of at least two classes; only class {have} has any"
+            )
+        return
+    missing = sorted({c for pair in params.pairs for c in pair} - present)
+    if missing:
+        listed = ", ".join(f"{c} ({names[c]})" for c in missing)
+        raise SynthesisError(
+            f"{pool.origin}: the bezier class pairs {list(params.pairs)} name classes "
+            f"without any single-label source image: {listed}; add such images or drop "
+            "the pairs that use them"
+        )
 
 
 # ------------------------------------------------------------------------------ geometry

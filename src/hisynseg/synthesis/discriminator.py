@@ -21,19 +21,20 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hisynseg import __version__
 from hisynseg.datasets.io import (
+    ImageReadError,
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
@@ -282,8 +283,33 @@ def preprocess_images(images: Sequence[np.ndarray] | np.ndarray, size: int) -> t
     return torch.stack([_to_tensor(img, size) for img in images])
 
 
+def _unreadable_images(paths: Sequence[Path]) -> list[str]:
+    """``"path (problem)"`` for each file that is not a whole image.
+
+    PIL's ``verify`` walks the file's structure (PNG: every chunk and its checksum)
+    without decoding the pixels, so checking every image before training costs a small
+    part of one epoch and catches a damaged file before hours of training, not after.
+    """
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except UnidentifiedImageError:
+            bad.append(f"{path} (not an image file)")
+        except Exception as exc:  # PIL reports damage as many exception types
+            bad.append(f"{path} ({type(exc).__name__}: {exc})")
+    return bad
+
+
 class _FileDataset(Dataset):
-    """Image files with 0/1 targets; random horizontal and vertical flips when training."""
+    """Image files with 0/1 targets; random horizontal and vertical flips when training.
+
+    An item is ``(image, target, error)``: ``error`` is ``""``, or the one-line message of
+    an image that could not be read (the image is then zeros). Raised inside a DataLoader
+    worker, the error would come back wrapped in the worker's traceback; as data, it lets
+    :func:`_batches` raise it as it is.
+    """
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int], size: int, flip: bool):
         self.paths = list(paths)
@@ -294,15 +320,31 @@ class _FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = _to_tensor(read_rgb(self.paths[i]), self.size)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            x = _to_tensor(read_rgb(self.paths[i]), self.size)
+        except HisynsegError as exc:
+            return torch.zeros((3, self.size, self.size)), self.targets[i], str(exc)
         if self.flip:
             # torch's RNG: seeded by the DataLoader in each worker, so runs repeat.
             if torch.rand(()) < 0.5:
                 x = x.flip(2)
             if torch.rand(()) < 0.5:
                 x = x.flip(1)
-        return x, self.targets[i]
+        return x, self.targets[i], ""
+
+
+def _batches(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(images, targets)`` batches of a :class:`_FileDataset` loader.
+
+    Raises:
+        ImageReadError: An image of the batch could not be read (its own message).
+    """
+    for x, y, errors in loader:
+        failed = [e for e in errors if e]
+        if failed:
+            raise ImageReadError(failed[0])
+        yield x, y
 
 
 # ----------------------------------------------------------------------------- model + scorer
@@ -619,7 +661,7 @@ def _evaluate(
     total, n = 0.0, 0
     targets, preds = [], []
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in _batches(loader):
             x, y = x.to(device), y.to(device)
             logits = model(x)
             total += float(criterion(logits, y)) * len(y)
@@ -703,8 +745,10 @@ def train_filter(
         on_epoch: Called with each epoch's metrics once they are computed.
 
     Raises:
-        FilterError: Bad settings or too few images.
-        DatasetLayoutError, LabelError, ImageReadError: Problems with the data.
+        FilterError: Bad settings, too few images, or damaged images (all of them named,
+            checked before training).
+        ImageReadError: An image that passed the check cannot be decoded (named).
+        DatasetLayoutError, LabelError: Problems with the dataset's layout or labels.
     """
     config = copy.deepcopy(config) if config is not None else FilterTrainConfig()
     config.validate()
@@ -736,6 +780,19 @@ def train_filter(
         "val_synthetic": len(split.val_fake),
     }
 
+    def pick(paths: list[Path], idx: np.ndarray) -> list[Path]:
+        return [paths[i] for i in idx]
+
+    train_paths = pick(real_paths, split.train_real) + pick(fake_paths, split.train_fake)
+    val_paths = pick(real_paths, split.val_real) + pick(fake_paths, split.val_fake)
+    bad = _unreadable_images(train_paths + val_paths)
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise FilterError(
+            f"{len(bad)} of the filter's {len(train_paths) + len(val_paths)} images are "
+            f"unreadable: {shown}"
+        )
+
     out.mkdir(parents=True, exist_ok=True)
     settings = asdict(config)
     settings["device"] = str(device)
@@ -755,17 +812,14 @@ def train_filter(
         },
     )
 
-    def pick(paths: list[Path], idx: np.ndarray) -> list[Path]:
-        return [paths[i] for i in idx]
-
     train_set = _FileDataset(
-        pick(real_paths, split.train_real) + pick(fake_paths, split.train_fake),
+        train_paths,
         [REAL_INDEX] * len(split.train_real) + [FAKE_INDEX] * len(split.train_fake),
         config.image_size,
         flip=True,
     )
     val_set = _FileDataset(
-        pick(real_paths, split.val_real) + pick(fake_paths, split.val_fake),
+        val_paths,
         [REAL_INDEX] * len(split.val_real) + [FAKE_INDEX] * len(split.val_fake),
         config.image_size,
         flip=False,
@@ -819,7 +873,8 @@ def train_filter(
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
-            train_loader,
+            _batches(train_loader),
+            total=len(train_loader),
             desc=f"filter epoch {epoch}/{config.epochs}",
             unit="batch",
             disable=not progress,

@@ -68,7 +68,7 @@ from hisynseg.datasets.io import (
 from hisynseg.datasets.labels import label_to_str, write_label_csv
 from hisynseg.datasets.layouts import SYNTHETIC_LABELS_FILE
 from hisynseg.datasets.spec import DatasetSpec
-from hisynseg.synthesis.bezier import BezierParams, bezier
+from hisynseg.synthesis.bezier import BezierParams, bezier, check_sources
 from hisynseg.synthesis.mosaic import MosaicParams, mosaic
 from hisynseg.synthesis.pool import SourcePool, SynthesisError, Synthesized
 
@@ -490,11 +490,38 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def _holds_nothing(out: Path) -> bool:
+    """Whether ``out`` is empty but for empty ``img/`` and ``mask/`` folders (what a run
+    that stopped before writing its settings, e.g. on an unreadable source, leaves)."""
+    for entry in out.iterdir():
+        if entry.name in ("img", "mask") and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return False
+    return True
+
+
+def _make_folders(out: Path) -> None:
+    """Create ``out/img`` and ``out/mask``, or say in one line why they cannot be."""
+    try:
+        for sub in ("img", "mask"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SynthesisError(f"{out}: cannot create the output folder ({exc})") from None
+
+
+def _write_settings(out: Path, meta: dict[str, Any]) -> None:
+    """Write ``synthesis.json`` atomically, or say in one line why it cannot be."""
+    try:
+        atomic_write_json(out / SETTINGS_FILE, meta)
+    except OSError as exc:
+        raise SynthesisError(f"{out / SETTINGS_FILE}: cannot write ({exc})") from None
+
+
 def _check_folder(out: Path, settings: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     """Refuse an output folder that holds a different synthesis; return its old metadata."""
     path = out / SETTINGS_FILE
     if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and not _holds_nothing(out):
             raise SynthesisError(
                 f"{out}: not empty and has no {SETTINGS_FILE}; synthesize into an empty or "
                 "new folder"
@@ -566,8 +593,9 @@ def synthesize(
         A :class:`SynthesisSummary`.
 
     Raises:
-        SynthesisError: Bad arguments, no sources, or ``out`` holds a synthesis with other
-            settings.
+        SynthesisError: Bad arguments, no sources (or none of a class that the Bézier
+            pairs name), ``out`` cannot be created or written, or it holds a synthesis
+            with other settings.
         ImageReadError: A source image cannot be decoded (the message names it).
     """
     started = time.perf_counter()
@@ -612,14 +640,18 @@ def synthesize(
             "draw_stream": FILTERED_STREAM,
         },
     }
-    # Check what can be checked before the (slow) decoding of the sources.
+    # Check what can be checked before the (slow) decoding of the sources, the output
+    # folder's being creatable and writable included.
     _check_folder(out, settings, [k for k in settings if k != "sources"])
+    _make_folders(out)
     if pool is None:
         if root is None:
             raise SynthesisError("synthesize needs a dataset root or a prebuilt pool")
         pool = SourcePool.build(root, spec, workers=workers, progress=progress)
     elif pool.spec.to_dict() != spec.to_dict():
         raise SynthesisError(f"the source pool is of dataset {pool.spec.name!r}, not {spec.name!r}")
+    if isinstance(params, BezierParams):
+        check_sources(params, pool)
     settings["sources"] = {"count": len(pool), "fingerprint": pool.fingerprint()}
     old = _check_folder(out, settings, settings)
 
@@ -633,9 +665,7 @@ def synthesize(
     if "filter_stats" in old:
         meta["filter_stats"] = old["filter_stats"]
     # Settings first: a folder with outputs but no settings would be refused on resume.
-    atomic_write_json(out / SETTINGS_FILE, meta)
-    for sub in ("img", "mask"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    _write_settings(out, meta)
 
     summary = SynthesisSummary(out=out, method=method, requested=num)
     stream = PLAIN_STREAM if keep is None else FILTERED_STREAM
@@ -674,7 +704,7 @@ def synthesize(
             "acceptance_rate": summary.acceptance_rate,
             "stopped": summary.stopped,
         }
-        atomic_write_json(out / SETTINGS_FILE, meta)
+        _write_settings(out, meta)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -879,8 +909,13 @@ def _finish(
     if spec.codec is None:
         labels = {r["image"]: np.array([int(c) for c in r["label"]], np.uint8) for r in rows}
         write_label_csv(out / SYNTHETIC_LABELS_FILE, labels, spec.class_names)
+    # A filtered run's record is the only link from image i to the draw it came from, so
+    # the records of images whose files are gone (deleted, or beyond a smaller num) stay:
+    # a later run rebuilds image i from that draw instead of cutting the kept prefix there
+    # and renumbering every later kept draw. Plain runs recompute theirs (draw i = image i).
+    journal_rows = rows if summary.draws is None else [records[i] for i in sorted(records)]
     buf = io.StringIO()
-    for r in rows:
+    for r in journal_rows:
         buf.write(json.dumps(r) + "\n")
     if summary.draws is not None:
         buf.write(json.dumps({"draws": summary.draws, "kept": summary.kept}) + "\n")

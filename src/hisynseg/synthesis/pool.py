@@ -215,6 +215,14 @@ class SourcePool:
         """Classes with at least one source image."""
         return tuple(c for c, ix in enumerate(self._by_class) if len(ix))
 
+    @property
+    def origin(self) -> str:
+        """Where the sources come from, for messages: the training folder of the dataset
+        root, or ``"in-memory source pool"``."""
+        if self.root is None:
+            return "in-memory source pool"
+        return str(self.root / self.spec.layout.train)
+
     def pick(self, class_index: int, rng: np.random.Generator) -> int:
         """A uniformly random pool index of class ``class_index``.
 
