@@ -161,3 +161,26 @@ def test_label_csv_errors_name_file_and_row(tmp_path: Path, text: str, pattern: 
     path.write_text(text)
     with pytest.raises(LabelError, match=pattern):
         read_label_csv(path, CLASSES)
+
+
+def test_missing_label_csv_is_a_label_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    with pytest.raises(LabelError, match="not found") as info:
+        read_label_csv(path, CLASSES)
+    assert str(path) in str(info.value)
+
+
+def test_label_csv_saved_by_excel_with_a_byte_order_mark(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts the file with a BOM, which must not become part of the
+    # first column's name.
+    path = tmp_path / "train.csv"
+    path.write_bytes("\ufeffimage,tumour,stroma,lymphocytes\nä.png,1,0,1\n".encode())
+    assert read_label_csv(path, CLASSES)["ä.png"].tolist() == [1, 0, 1]
+
+
+def test_label_csv_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_bytes("image,tumour,stroma,lymphocytes\nä.png,1,0,1\n".encode("utf-16"))
+    with pytest.raises(LabelError, match="cannot be read") as info:
+        read_label_csv(path, CLASSES)
+    assert str(path) in str(info.value)

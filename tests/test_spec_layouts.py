@@ -20,11 +20,13 @@ from hisynseg.datasets.layouts import (
 )
 from hisynseg.datasets.spec import (
     DATASET_NAMES,
+    SpecError,
     get_dataset_spec,
     load_generic_spec,
     resolve_dataset_spec,
 )
 from hisynseg.datasets.toy import GENERIC_TOY_CLASSES
+from hisynseg.errors import HisynsegError
 
 
 # ---------------------------------------------------------------------------- specs
@@ -151,21 +153,68 @@ def test_generic_spec_from_classes_yaml(tmp_path: Path) -> None:
             },
             "background_index",
         ),
+        # A string is not a list of names (it used to become the classes a, b, c).
+        ({"classes": "abc", "palette": [[0, 0, 0]] * 4}, "'classes' must be a list"),
+        ({"classes": ["a", "b"], "palette": [1, 2, 3]}, "palette entry 0"),
+        (
+            {"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 300], [2, 2, 2]]},
+            r"palette entry 1 must be 3 whole numbers in 0\.\.255",
+        ),
+        (
+            {"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1], [2, 2, 2]]},
+            "palette entry 1",
+        ),
+        (
+            {"classes": ["a", "b"], "palette": [[0, 0, 0], [1.5, 1, 1], [2, 2, 2]]},
+            "palette entry 1",
+        ),
+        (
+            {"classes": ["a", "b"], "palette": [[9, 9, 9], [1, 1, 1], [9, 9, 9]]},
+            r"palette entries 0 and 2 are both \[9, 9, 9\]",
+        ),
+        (
+            {
+                "classes": ["a", "b"],
+                "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]],
+                "patch_size": "x",
+            },
+            "'patch_size' must be a whole number",
+        ),
+        (
+            {
+                "classes": ["a", "b"],
+                "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]],
+                "short_names": "ab",
+            },
+            "'short_names' must be a list",
+        ),
     ],
 )
 def test_bad_classes_yaml_names_the_file(tmp_path: Path, data: dict, pattern: str) -> None:
     path = tmp_path / "classes.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ValueError, match=pattern) as info:
+    with pytest.raises(SpecError, match=pattern) as info:
         load_generic_spec(path)
     assert str(path) in str(info.value)
+    # A user error (one line from the CLI), and still a ValueError for older callers.
+    assert isinstance(info.value, HisynsegError) and isinstance(info.value, ValueError)
+
+
+def test_malformed_classes_yaml_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "classes.yaml"
+    path.write_text("classes: [a, b\npalette: [[0, 0, 0]]\n")
+    with pytest.raises(SpecError, match="not valid YAML") as info:
+        load_generic_spec(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message and "line" in message
 
 
 def test_generic_needs_a_root_and_a_classes_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="classes.yaml"):
+    with pytest.raises(SpecError, match="classes.yaml"):
         resolve_dataset_spec("generic")
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(SpecError, match="not found") as info:
         resolve_dataset_spec("generic", tmp_path)
+    assert str(tmp_path / "classes.yaml") in str(info.value)
 
 
 # -------------------------------------------------------------------------- layouts
@@ -244,6 +293,26 @@ def test_list_split_errors(toy_dataset) -> None:
     shutil.rmtree(toy.root / "3.testing" / "img")
     with pytest.raises(DatasetLayoutError, match=r"3\.testing/img.*missing test image folder"):
         list_split(toy.root, toy.spec, "test")
+
+
+@pytest.mark.parametrize("side", ["img", "mask"])
+def test_list_split_refuses_two_files_with_one_stem(toy_dataset, side: str) -> None:
+    toy = toy_dataset("luad-histoseg")
+    folder = toy.root / "val" / side
+    first = list_images(folder)[0]
+    twin = first.with_suffix(".tif")
+    shutil.copy(first, twin)
+    with pytest.raises(DatasetLayoutError, match="share the stem") as info:
+        list_split(toy.root, toy.spec, "val")
+    assert str(first) in str(info.value) and str(twin) in str(info.value)
+
+
+def test_missing_train_csv_is_a_label_error_naming_it(toy_dataset) -> None:
+    toy = toy_dataset("generic")
+    (toy.root / "train.csv").unlink()
+    with pytest.raises(LabelError, match="not found") as info:
+        list_train(toy.root, toy.spec)
+    assert str(toy.root / "train.csv") in str(info.value)
 
 
 def test_generic_train_needs_a_label_for_every_image(toy_dataset) -> None:

@@ -387,3 +387,63 @@ def test_max_problems_shortens_the_listing_only(toy_dataset, tmp_path: Path, cap
     assert code == 1
     assert "problems (5):" in out and "... and 3 more" in out
     assert len(json.loads((tmp_path / "r.json").read_text())["problems"]) == 5
+
+
+def test_bytes_after_a_complete_png_are_not_truncation(toy_dataset) -> None:
+    # Only the file's last 1 KiB used to be searched for IEND, so a complete PNG with
+    # more than that appended was called truncated.
+    toy = toy_dataset("luad-histoseg")
+    image = list_images(toy.root / "train")[0]
+    mask = list_images(toy.root / "val" / "mask")[0]
+    for path in (image, mask):
+        path.write_bytes(path.read_bytes() + bytes(range(256)) * 8)
+    report = validate_dataset(toy.root, toy.spec)
+    assert report.ok, report.format()
+
+
+def test_png_cut_inside_its_chunks_is_still_truncated(toy_dataset) -> None:
+    toy = toy_dataset("luad-histoseg")
+    image, cut_end = list_images(toy.root / "train")[:2]
+    data = image.read_bytes()
+    # Drop the IEND chunk only: every pixel decodes, the file is still incomplete.
+    image.write_bytes(data[:-12])
+    cut_end.write_bytes(cut_end.read_bytes()[:-3])  # IEND's CRC cut short
+    report = validate_dataset(toy.root, toy.spec)
+    assert problem_paths(report, "unreadable") == {image, cut_end}
+
+
+def test_two_images_with_one_stem_are_ambiguous(toy_dataset) -> None:
+    toy = toy_dataset("luad-histoseg")
+    image = list_images(toy.root / "val" / "img")[0]
+    shutil.copy(image, image.with_suffix(".tif"))
+    report = validate_dataset(toy.root, toy.spec)
+    assert problem_paths(report, "duplicate") == {image.with_suffix(".tif")}
+    assert image.name in report.problems_of("duplicate")[0].message
+
+
+def test_negative_max_problems_is_a_usage_error(toy_dataset, capsys) -> None:
+    toy = toy_dataset("luad-histoseg")
+    with pytest.raises(SystemExit) as info:
+        main(["validate-data", str(toy.root), "--dataset", "luad", "--max-problems", "-1"])
+    assert info.value.code == 2
+    assert "--max-problems" in capsys.readouterr().err
+    report = validate_dataset(toy.root, toy.spec)
+    with pytest.raises(ValueError, match="max_problems"):
+        report.format(max_problems=-1)
+
+
+def test_generic_train_csv_with_a_byte_order_mark(toy_dataset) -> None:
+    toy = toy_dataset("generic")
+    csv_path = toy.root / "train.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    report = validate_dataset(toy.root, toy.spec)
+    assert report.ok, report.format()
+
+
+def test_malformed_classes_yaml_is_a_one_line_usage_error(toy_dataset, capsys) -> None:
+    toy = toy_dataset("generic")
+    (toy.root / "classes.yaml").write_text("classes: [a, b\npalette: [[0, 0, 0]]\n")
+    code, out = run_cli(capsys, toy.root, "--dataset", "generic")
+    assert code == 2
+    assert "classes.yaml: not valid YAML" in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1

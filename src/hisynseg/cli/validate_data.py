@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hisynseg.cli.arg_types import non_negative_int
 from hisynseg.datasets.spec import DATASET_NAMES
 
 SPLIT_CHOICES = ("train", "val", "test")
@@ -55,10 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-problems",
-        type=int,
+        # A negative N would slice from the end and silently hide problems.
+        type=non_negative_int,
         default=None,
         metavar="N",
-        help="print at most N problems (the JSON report always has all)",
+        help="print at most N problems, N >= 0 (default: all; the JSON report always has all)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

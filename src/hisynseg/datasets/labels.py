@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -26,7 +27,12 @@ __all__ = [
     "read_label_csv",
     "write_label_csv",
     "label_to_str",
+    "CSV_ENCODING",
 ]
+
+# "utf-8-sig" reads plain UTF-8 and also skips the byte-order mark that Excel's "CSV UTF-8"
+# puts first, which would otherwise glue itself to the first column name ("\ufeffimage").
+CSV_ENCODING = "utf-8-sig"
 
 
 class LabelError(HisynsegError, ValueError):
@@ -102,32 +108,46 @@ CODECS: dict[str, LabelCodec] = {c.name: c for c in (LUAD_CODEC, BCSS_CODEC, WSS
 def read_label_csv(path: str | Path, class_names: Sequence[str]) -> dict[str, np.ndarray]:
     """Read per-image labels from a CSV with a column ``image`` and one 0/1 column per class.
 
+    The file is read as UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped.
+
     Returns:
         A map from the ``image`` value (a path relative to the CSV's image folder) to its label.
 
     Raises:
-        LabelError: Missing columns, a value other than 0/1, or a repeated image; the message
-            names the file and the row.
+        LabelError: A missing or unreadable file, missing columns, a value other than 0/1, or
+            a repeated image; the message names the file (and the row).
     """
     path = Path(path)
+    try:
+        with path.open(newline="", encoding=CSV_ENCODING) as fh:
+            return _read_label_rows(fh, path, class_names)
+    except FileNotFoundError:
+        raise LabelError(
+            f"{path}: not found; it must list every training image with its labels "
+            f"(columns: image, {', '.join(class_names)})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelError(f"{path}: cannot be read: {exc}") from None
+
+
+def _read_label_rows(fh: TextIO, path: Path, class_names: Sequence[str]) -> dict[str, np.ndarray]:
     labels: dict[str, np.ndarray] = {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        missing = [c for c in ("image", *class_names) if c not in fields]
-        if missing:
-            raise LabelError(f"{path}: missing column(s) {missing}; columns are {fields}")
-        for row_no, row in enumerate(reader, start=2):
-            try:
-                values = [int(row[c]) for c in class_names]
-            except (TypeError, ValueError):
-                raise LabelError(f"{path}:{row_no}: class values must be 0 or 1: {row}") from None
-            if any(v not in (0, 1) for v in values):
-                raise LabelError(f"{path}:{row_no}: class values must be 0 or 1: {row}")
-            image = row["image"]
-            if image in labels:
-                raise LabelError(f"{path}:{row_no}: image {image!r} is listed twice")
-            labels[image] = np.array(values, dtype=np.uint8)
+    reader = csv.DictReader(fh)
+    fields = reader.fieldnames or []
+    missing = [c for c in ("image", *class_names) if c not in fields]
+    if missing:
+        raise LabelError(f"{path}: missing column(s) {missing}; columns are {fields}")
+    for row_no, row in enumerate(reader, start=2):
+        try:
+            values = [int(row[c]) for c in class_names]
+        except (TypeError, ValueError):
+            raise LabelError(f"{path}:{row_no}: class values must be 0 or 1: {row}") from None
+        if any(v not in (0, 1) for v in values):
+            raise LabelError(f"{path}:{row_no}: class values must be 0 or 1: {row}")
+        image = row["image"]
+        if image in labels:
+            raise LabelError(f"{path}:{row_no}: image {image!r} is listed twice")
+        labels[image] = np.array(values, dtype=np.uint8)
     return labels
 
 
@@ -137,7 +157,7 @@ def write_label_csv(
     """Write labels in the format :func:`read_label_csv` reads, atomically."""
     from hisynseg.datasets.io import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", *class_names])
         for image in sorted(labels):

@@ -27,7 +27,8 @@ SYNTHETIC_LABELS_FILE = "labels.csv"
 
 
 class DatasetLayoutError(HisynsegError, FileNotFoundError):
-    """A folder the layout requires is missing; the message says which and what is expected."""
+    """A folder or file the layout requires is missing, or images and masks cannot be paired
+    unambiguously; the message names the files and says what is expected."""
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,38 @@ def list_train(root: str | Path, spec: DatasetSpec) -> list[LabelledImage]:
     return _labelled_images(folder, spec, csv_path)
 
 
+def _by_unique_stem(paths: list[Path], what: str) -> dict[str, Path]:
+    """Map file stems to files, refusing two files with one stem.
+
+    Pairing is by stem, so two masks with one stem (``a.png``, ``a.tif``) would leave the
+    choice to sort order, and two images with one stem would both be scored against one
+    mask and their saved predictions would overwrite each other.
+    """
+    by_stem: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in by_stem:
+            raise DatasetLayoutError(
+                f"{by_stem[path.stem]} and {path}: two {what} share the stem {path.stem!r}; "
+                "images and masks are paired by stem, so keep only one of them"
+            )
+        by_stem[path.stem] = path
+    return by_stem
+
+
 def list_split(root: str | Path, spec: DatasetSpec, split: str) -> list[MaskedImage]:
     """Image/mask pairs of the ``val`` or ``test`` split, matched by file stem.
 
     Raises:
-        DatasetLayoutError: A folder is missing, or an image has no mask.
+        DatasetLayoutError: A folder is missing, an image has no mask, or two images (or two
+            masks) share a file stem, so that the pairing would be ambiguous.
     """
     root = Path(root)
     img_dir, mask_dir = spec.layout.split_dirs(split)
     images = list_images(_require_dir(root / img_dir, f"{split} image", spec))
-    masks = {p.stem: p for p in list_images(_require_dir(root / mask_dir, f"{split} mask", spec))}
+    _by_unique_stem(images, "images")
+    masks = _by_unique_stem(
+        list_images(_require_dir(root / mask_dir, f"{split} mask", spec)), "masks"
+    )
     pairs = []
     for image in images:
         mask = masks.get(image.stem)

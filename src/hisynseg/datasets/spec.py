@@ -20,10 +20,12 @@ from hisynseg.datasets.labels import (
     LabelCodec,
     LabelError,
 )
+from hisynseg.errors import HisynsegError
 
 __all__ = [
     "SplitLayout",
     "DatasetSpec",
+    "SpecError",
     "DATASETS",
     "DATASET_NAMES",
     "get_dataset_spec",
@@ -35,6 +37,14 @@ __all__ = [
 
 GENERIC_CLASSES_FILE = "classes.yaml"
 GENERIC_LABELS_FILE = "train.csv"
+
+
+class SpecError(HisynsegError, ValueError):
+    """A dataset description (a generic layout's ``classes.yaml``) is missing or invalid.
+
+    A ``ValueError`` too, so callers that caught the plain ``ValueError`` this used to be
+    keep working.
+    """
 
 
 @dataclass(frozen=True)
@@ -201,67 +211,145 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
+def _yaml_error_text(exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the problem and where it is (PyYAML's own text
+    spans several lines with a caret drawing, which the CLI's one-line report cannot show)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem)
+
+
+def _whole_number(value: Any) -> bool:
+    # bool is an int subclass, and YAML reads ``yes``/``true`` as one; a float such as 1.5
+    # would be truncated silently by int(). Neither is a colour value or a size.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(data: dict[str, Any], key: str, default: int, path: Path) -> int:
+    value = data.get(key, default)
+    if not _whole_number(value):
+        raise SpecError(f"{path}: {key!r} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _read_palette(raw: Any, num_classes: int, path: Path) -> tuple[tuple[int, int, int], ...]:
+    """The ``palette`` entry: one distinct RGB triple per class, then one for background."""
+    expected = num_classes + 1
+    if not isinstance(raw, list) or len(raw) != expected:
+        raise SpecError(
+            f"{path}: 'palette' needs {expected} RGB triples (one per class, then background), "
+            f"got {raw!r}"
+        )
+    palette: list[tuple[int, int, int]] = []
+    for i, colour in enumerate(raw):
+        if (
+            not isinstance(colour, list)
+            or len(colour) != 3
+            or not all(_whole_number(v) and 0 <= v <= 255 for v in colour)
+        ):
+            raise SpecError(
+                f"{path}: palette entry {i} must be 3 whole numbers in 0..255 "
+                f"(an RGB triple), got {colour!r}"
+            )
+        palette.append((int(colour[0]), int(colour[1]), int(colour[2])))
+    # RGB masks are decoded by colour, so two indices with one colour cannot be told apart.
+    first_at: dict[tuple[int, int, int], int] = {}
+    for i, colour in enumerate(palette):
+        if colour in first_at:
+            raise SpecError(
+                f"{path}: palette entries {first_at[colour]} and {i} are both {list(colour)}; "
+                "every class and the background need their own colour"
+            )
+        first_at[colour] = i
+    return tuple(palette)
+
+
+def _read_names(raw: Any, key: str, path: Path) -> tuple[str, ...]:
+    # A bare string would otherwise be iterated character by character ("abc" -> a, b, c).
+    if not isinstance(raw, list) or not all(
+        isinstance(n, str | int) and not isinstance(n, bool) and str(n).strip() for n in raw
+    ):
+        raise SpecError(f"{path}: {key!r} must be a list of names, got {raw!r}")
+    return tuple(str(n) for n in raw)
+
+
 def load_generic_spec(path: str | Path) -> DatasetSpec:
     """Build a spec from a generic layout's ``classes.yaml``.
 
     The file holds ``classes`` (list of names), ``palette`` (one RGB triple per class, then
-    one for background), and optionally ``name``, ``short_names``, ``background_index``
-    (default: number of classes), ``patch_size``, ``background_in_train``.
+    one for background; values 0..255, all colours distinct), and optionally ``name``,
+    ``short_names``, ``background_index`` (default: number of classes), ``patch_size``,
+    ``background_in_train``.
     The generic layout is ``train/`` + ``train.csv``, ``val/{img,mask}``, ``test/{img,mask}``.
 
     Raises:
-        ValueError: A missing or inconsistent field; the message names the file.
+        SpecError: The file is missing, is not valid YAML, or has a missing or inconsistent
+            field; the message names the file.
     """
     path = Path(path)
     if path.is_dir():
         path = path / GENERIC_CLASSES_FILE
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(
+        raise SpecError(
             f"{path}: not found; a generic dataset needs a {GENERIC_CLASSES_FILE} "
             "with its classes and palette"
         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {_yaml_error_text(exc)}") from None
     if not isinstance(data, dict) or "classes" not in data or "palette" not in data:
-        raise ValueError(f"{path}: must be a mapping with 'classes' and 'palette'")
-    classes = tuple(str(c) for c in data["classes"])
+        raise SpecError(f"{path}: must be a mapping with 'classes' and 'palette'")
+    classes = _read_names(data["classes"], "classes", path)
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"{path}: 'classes' must list at least two distinct names")
-    palette = tuple(tuple(int(v) for v in c) for c in data["palette"])
-    if len(palette) != len(classes) + 1 or any(len(c) != 3 for c in palette):
-        raise ValueError(
-            f"{path}: 'palette' needs {len(classes) + 1} RGB triples "
-            "(one per class, then background)"
-        )
-    background_index = int(data.get("background_index", len(classes)))
+        raise SpecError(f"{path}: 'classes' must list at least two distinct names")
+    palette = _read_palette(data["palette"], len(classes), path)
+    background_index = _int_field(data, "background_index", len(classes), path)
     if background_index != len(classes):
-        raise ValueError(
+        raise SpecError(
             f"{path}: background_index must be {len(classes)} (tissue classes come first)"
         )
-    short = tuple(str(s) for s in data.get("short_names", classes))
+    short = _read_names(data.get("short_names", list(classes)), "short_names", path)
     if len(short) != len(classes):
-        raise ValueError(f"{path}: 'short_names' must have one entry per class")
-    patch_size = data.get("patch_size", 224)
+        raise SpecError(f"{path}: 'short_names' must have one entry per class")
+    # null is allowed: it means the training patches vary in size (as in WSSS4LUAD).
+    patch_size = (
+        None if data.get("patch_size", 224) is None else _int_field(data, "patch_size", 224, path)
+    )
+    if patch_size is not None and patch_size < 1:
+        raise SpecError(f"{path}: 'patch_size' must be at least 1 (or null), got {patch_size}")
+    in_train = data.get("background_in_train", False)
+    if not isinstance(in_train, bool):
+        raise SpecError(f"{path}: 'background_in_train' must be true or false, got {in_train!r}")
     return DatasetSpec(
         name=str(data.get("name", "generic")),
         class_names=classes,
         short_names=short,
         palette=palette,
-        background_index=background_index,
+        background_index=len(classes),
         codec=None,
         layout=_BENCHMARK_LAYOUT,
-        patch_size=None if patch_size is None else int(patch_size),
-        background_in_train=bool(data.get("background_in_train", False)),
-        background_grey_threshold=int(data.get("background_grey_threshold", 210)),
-        background_min_size=int(data.get("background_min_size", 64)),
+        patch_size=patch_size,
+        background_in_train=in_train,
+        background_grey_threshold=_int_field(data, "background_grey_threshold", 210, path),
+        background_min_size=_int_field(data, "background_min_size", 64, path),
         labels_csv=GENERIC_LABELS_FILE,
     )
 
 
 def resolve_dataset_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
-    """A registered benchmark, or, for ``"generic"``, the spec in ``root/classes.yaml``."""
+    """A registered benchmark, or, for ``"generic"``, the spec in ``root/classes.yaml``.
+
+    Raises:
+        KeyError: An unknown dataset name.
+        SpecError: ``"generic"`` without a root, or a missing or invalid ``classes.yaml``.
+    """
     if name.lower() == "generic":
         if root is None:
-            raise ValueError("dataset 'generic' needs the data root that holds classes.yaml")
+            raise SpecError("dataset 'generic' needs the data root that holds classes.yaml")
         return load_generic_spec(Path(root) / GENERIC_CLASSES_FILE)
     return get_dataset_spec(name)

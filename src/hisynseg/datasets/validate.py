@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
+import struct
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +36,7 @@ from hisynseg.datasets.io import (
     read_image_size,
     read_mask,
 )
-from hisynseg.datasets.labels import LabelError, label_to_str
+from hisynseg.datasets.labels import CSV_ENCODING, LabelError, label_to_str
 from hisynseg.datasets.layouts import SYNTHETIC_LABELS_FILE
 from hisynseg.datasets.spec import DatasetSpec
 
@@ -60,7 +62,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "bad-label": "a file name (or label-file row) carries no valid label",
     "missing-mask": "an image has no mask",
     "missing-image": "a mask (or label-file row) has no image",
-    "duplicate": "two masks share a file stem, so which one an image pairs with is ambiguous",
+    "duplicate": "two masks (or two images) share a file stem, so the pairing is ambiguous",
     "no-single-label": "a class has no single-label training image to synthesize from",
 }
 
@@ -73,10 +75,10 @@ PUBLISHED_COUNTS: dict[str, dict[str, int]] = {
 }
 
 # Pixels of a PNG can decode completely while the file lacks its last bytes; only the
-# closing IEND chunk (type + CRC) tells a complete file from a cut one.
+# closing IEND chunk tells a complete file from a cut one.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"
-_TAIL_BYTES = 1024
+_PNG_CHUNK_HEADER = struct.Struct(">I4s")  # data length, chunk type
+_PNG_CRC_BYTES = 4
 
 # Below this many files a progress bar is clutter.
 _PROGRESS_MIN_FILES = 200
@@ -207,7 +209,13 @@ class ValidationReport:
 
         Args:
             max_problems: List at most this many problems (``None``: all of them).
+
+        Raises:
+            ValueError: A negative ``max_problems`` (a slice would silently drop problems
+                from the end).
         """
+        if max_problems is not None and max_problems < 0:
+            raise ValueError(f"max_problems must be at least 0 or None, got {max_problems}")
         spec = self.spec
         lines = [
             f"dataset {spec.name} at {self.root}: {spec.num_classes} classes "
@@ -295,16 +303,30 @@ class _Context:
 
 
 def _check_complete(path: Path) -> None:
-    """Fail on a PNG that lacks its closing chunk (PIL decodes such files without a word)."""
-    with open(path, "rb") as fh:
+    """Fail on a PNG that ends before its IEND chunk (PIL decodes such files without a word).
+
+    The chunk headers are walked from the signature on, seeking past each chunk's data and
+    CRC, so nothing is decoded and bytes that some tools append after IEND do not matter
+    (searching only the file's tail for IEND called such complete files truncated).
+    """
+    truncated = ImageReadError(f"{path}: truncated PNG (the file ends before its IEND chunk)")
+    # Unbuffered: each step reads one 8-byte header, not a buffer's worth of pixel data.
+    with open(path, "rb", buffering=0) as fh:
         if fh.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
             return
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - _TAIL_BYTES))
-        tail = fh.read()
-    if _PNG_END not in tail:
-        raise ImageReadError(f"{path}: truncated PNG (the file ends before its IEND chunk)")
+        size = os.fstat(fh.fileno()).st_size
+        pos = len(_PNG_SIGNATURE)
+        while True:
+            header = fh.read(_PNG_CHUNK_HEADER.size)
+            if len(header) < _PNG_CHUNK_HEADER.size:
+                raise truncated
+            length, kind = _PNG_CHUNK_HEADER.unpack(header)
+            pos += _PNG_CHUNK_HEADER.size + length + _PNG_CRC_BYTES
+            if pos > size:
+                raise truncated
+            if kind == b"IEND":
+                return
+            fh.seek(pos)
 
 
 def _image_size(path: Path, decode: bool) -> tuple[int, int]:
@@ -524,7 +546,15 @@ def _read_labels_tolerant(csv_path: Path, spec: DatasetSpec) -> _CsvLabels:
             )
         )
         return out
-    with csv_path.open(newline="") as fh:
+    try:
+        # Read whole (a label file is small) so that a decoding error surfaces here, as one
+        # problem, rather than from inside the row loop.
+        text = csv_path.read_text(encoding=CSV_ENCODING)
+    except (OSError, UnicodeDecodeError) as exc:
+        out.usable = False
+        out.problems.append(Problem("bad-label", csv_path, f"{csv_path}: cannot be read: {exc}"))
+        return out
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         missing = [c for c in ("image", *spec.class_names) if c not in fields]
@@ -600,7 +630,22 @@ def _labelled_items(
 def _pair_masks(
     images: Sequence[Path], mask_dir: Path, problems: list[Problem]
 ) -> tuple[list[tuple[Path, Path | None]], int]:
-    """Match images to masks by file stem, reporting unmatched files of either side."""
+    """Match images to masks by file stem, reporting unmatched files and shared stems."""
+    first_image: dict[str, Path] = {}
+    for image in images:
+        if image.stem in first_image:
+            # Both would be scored against the one mask (its pixels counted twice), and
+            # saved predictions of both go to one file name.
+            problems.append(
+                Problem(
+                    "duplicate",
+                    image,
+                    f"{image}: two images share the stem {image.stem!r} "
+                    f"({first_image[image.stem].name}); each mask pairs with one image",
+                )
+            )
+        else:
+            first_image[image.stem] = image
     masks = list_images(mask_dir)
     by_stem: dict[str, Path] = {}
     for mask in masks:
