@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,11 @@ from hisynseg.datasets.io import read_mask, read_rgb
 from hisynseg.datasets.layouts import list_synthetic, list_train
 from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.datasets.toy import make_toy_dataset
-from hisynseg.inference.pseudo_labels import constrain_to_label, pseudo_label_dataset
+from hisynseg.inference.pseudo_labels import (
+    PseudoLabelError,
+    constrain_to_label,
+    pseudo_label_dataset,
+)
 from hisynseg.models import SegmenterOutput, build_segmenter
 from hisynseg.models.checkpoint import export_segmenter
 
@@ -139,6 +146,19 @@ def test_cli_with_a_real_checkpoint(tmp_path, capsys) -> None:
     # A generic set keeps its labels in labels.csv, which the reader uses.
     assert len(list_synthetic(out, toy.spec)) == 9
 
+    # Another stage-1 model into the same folder: refused, unless told to overwrite.
+    torch.manual_seed(1)
+    retrained = tmp_path / "retrained.pt"
+    export_segmenter(build_segmenter("resnet18", num_classes=3), toy.spec, retrained)
+    again = ["pseudo-label", str(retrained), str(toy.root), "--dataset", "generic"]
+    again += ["--out", str(out), "--patch-size", "64", "--tta", "none", "--no-progress"]
+    again += ["--device", "cpu"]
+    assert main(again) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
+    assert "9 written" in capsys.readouterr().out
+    assert not (out / "entropy").exists()  # the old run's entropy maps went with its masks
+
     other = tmp_path / "other.pt"
     export_segmenter(
         build_segmenter("resnet18", num_classes=4), get_dataset_spec("luad-histoseg"), other
@@ -147,3 +167,97 @@ def test_cli_with_a_real_checkpoint(tmp_path, capsys) -> None:
         main(["pseudo-label", str(other), str(toy.root), "--dataset", "generic", "--out", str(out)])
         == 2
     )
+
+
+def test_an_image_labelled_with_no_class_fails_alone(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "luad-histoseg", single_per_class=1, multi_train=2)
+    victim = next(s.path for s in list_train(toy.root, toy.spec) if s.is_single_label)
+    empty_name = toy.spec.format_name(victim.stem.split("-[")[0], np.zeros(4, np.uint8))
+    victim.rename(victim.with_name(empty_name))
+    out = tmp_path / "pseudo"
+    model = FavouringModel(toy.spec.num_classes, favoured=0)
+    summary = pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    assert len(summary.failed) == 1
+    assert empty_name in summary.failed[0] and "label has no positive class" in summary.failed[0]
+    assert summary.written == toy.num_train - 1
+    assert not (out / "mask" / (victim.with_name(empty_name).stem + ".png")).exists()
+
+
+def test_unknown_tta_is_refused(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "bcss-wsss", single_per_class=1, multi_train=1)
+    model = FavouringModel(toy.spec.num_classes, favoured=0)
+    with pytest.raises(PseudoLabelError, match="'D4'"):
+        pseudo_label_dataset(model, toy.root, toy.spec, tmp_path / "p", tta="D4", progress=False)
+    # "none" is the same as None (the pipeline's configuration spells it so).
+    pseudo_label_dataset(
+        model, toy.root, toy.spec, tmp_path / "p", patch_size=64, tta="none", progress=False
+    )
+    assert model.sizes and len(model.sizes) == 1  # one multi-label image, one view
+
+
+def test_rerun_with_another_checkpoint_or_settings_is_refused(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "bcss-wsss", single_per_class=1, multi_train=2)
+    model = FavouringModel(toy.spec.num_classes, favoured=1)
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    first.write_bytes(b"weights of stage 1, first try")
+    second.write_bytes(b"weights of stage 1, second try")
+    out = tmp_path / "pseudo"
+
+    def run(ckpt, **kwargs):
+        options = {"patch_size": 64, "progress": False, "checkpoint": ckpt, **kwargs}
+        return pseudo_label_dataset(model, toy.root, toy.spec, out, **options)
+
+    run(first)
+    record = json.loads((out / "pseudo_labels.json").read_text())
+    assert record["complete"] is True
+    assert record["checkpoint"]["path"] == str(first.resolve())
+    assert record["checkpoint"]["size"] == first.stat().st_size
+    assert record["checkpoint"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert record["settings"]["tta"] == "d4" and record["settings"]["patch_size"] == 64
+
+    masks = sorted((out / "mask").glob("*.png"))
+    masks[0].unlink()
+    assert run(first).written == 1  # the same checkpoint resumes
+    with pytest.raises(PseudoLabelError, match=r"first\.pt.*second\.pt.*--overwrite"):
+        run(second)
+    with pytest.raises(PseudoLabelError, match=r"patch_size 64 then, 32 now"):
+        run(first, patch_size=32)
+    # A copy of the same file elsewhere is the same model.
+    copy = tmp_path / "moved" / "first.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    assert run(copy).skipped == len(masks)
+
+    stale = out / "mask" / "stale-from-an-old-image.png"
+    stale.write_bytes(masks[0].read_bytes())
+    summary = run(second, overwrite=True)
+    assert summary.written == len(masks) and summary.skipped == 0
+    assert not stale.exists()
+    record = json.loads((out / "pseudo_labels.json").read_text())
+    assert record["checkpoint"]["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
+
+
+def test_masks_without_a_record_are_neither_resumed_nor_deleted(tmp_path) -> None:
+    toy = make_toy_dataset(tmp_path / "data", "bcss-wsss", single_per_class=1, multi_train=1)
+    model = FavouringModel(toy.spec.num_classes, favoured=1)
+    out = tmp_path / "pseudo"
+    pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    (out / "pseudo_labels.json").unlink()  # as left by an older version, or not ours at all
+    for overwrite in (False, True):
+        with pytest.raises(PseudoLabelError, match="pseudo_labels.json"):
+            pseudo_label_dataset(
+                model, toy.root, toy.spec, out, patch_size=64, progress=False, overwrite=overwrite
+            )
+    assert list((out / "mask").glob("*.png"))
+
+
+def test_cli_generic_dataset_without_classes_yaml_is_one_line(tmp_path, capsys) -> None:
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"never read")
+    (tmp_path / "empty").mkdir()
+    argv = ["pseudo-label", str(ckpt), str(tmp_path / "empty"), "--dataset", "generic"]
+    code = main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "classes.yaml: not found" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -7,14 +7,23 @@ training patches hold white background (WSSS4LUAD) get the background index ther
 
 The output folder is a training set in the synthetic layout (``img/`` + ``mask/``, the
 label in the file name), so stage 2 reads it with the same reader as synthetic sets.
+
+``pseudo_labels.json`` in the output folder records the checkpoint and the settings the
+masks were made with, before the first mask is written. A re-run with the same ones
+resumes (writes only the missing masks); one with another checkpoint or other settings is
+refused unless told to overwrite, so that masks of two models are never mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +39,33 @@ from hisynseg.datasets.layouts import SYNTHETIC_LABELS_FILE, LabelledImage, list
 from hisynseg.datasets.spec import DatasetSpec
 from hisynseg.errors import HisynsegError
 
-__all__ = ["PseudoLabelSummary", "constrain_to_label", "pseudo_label_dataset"]
+__all__ = [
+    "OtherMasksError",
+    "PseudoLabelError",
+    "PseudoLabelSummary",
+    "TTA_CHOICES",
+    "checkpoint_record",
+    "constrain_to_label",
+    "pseudo_label_dataset",
+]
+
+RECORD_FILE = "pseudo_labels.json"
+
+# What ``tta`` may be; ``None`` is the same as ``"none"``.
+TTA_CHOICES = ("none", "d4")
+
+# Read the checkpoint in blocks this size when hashing it.
+_HASH_BLOCK = 1 << 20
+
+
+class PseudoLabelError(HisynsegError, ValueError):
+    """Pseudo-labelling cannot start: a bad setting, or an output folder that holds masks
+    made by another checkpoint or with other settings."""
+
+
+class OtherMasksError(PseudoLabelError):
+    """The output folder holds masks that this run would not make (another checkpoint,
+    other settings, or no record of either)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,122 @@ def constrain_to_label(logits: np.ndarray, label: np.ndarray) -> np.ndarray:
     return masked.argmax(axis=0).astype(np.uint8)
 
 
+def checkpoint_record(path: str | Path) -> dict[str, Any]:
+    """Identify a checkpoint file: resolved path, size, modification time and SHA-256.
+
+    The hash decides whether two runs used the same model (the same file copied or moved
+    elsewhere is the same model; a checkpoint rewritten in place by a new training is not);
+    path and time are there for the reader.
+
+    Raises:
+        PseudoLabelError: The file cannot be read.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        stat = path.stat()
+        with open(path, "rb") as fh:
+            while block := fh.read(_HASH_BLOCK):
+                digest.update(block)
+    except OSError as exc:
+        raise PseudoLabelError(f"{path}: cannot read the checkpoint: {exc.strerror}") from None
+    return {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds"),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _normalise_tta(tta: str | None) -> str | None:
+    if tta is None or tta == "none":
+        return None
+    if tta == "d4":
+        return tta
+    # Anything else used to mean "no TTA" without a word, e.g. a typo such as "D4".
+    raise PseudoLabelError(
+        f"unknown test-time augmentation {tta!r}; expected one of {', '.join(TTA_CHOICES)} "
+        "(or None)"
+    )
+
+
+def _same_model(then: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    if then is None or now is None:
+        return then is now
+    return then.get("sha256") == now.get("sha256")
+
+
+def _describe_model(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "an unrecorded model"
+    return f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})"
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    return [p for p in (out / "mask", out / "img") if p.is_dir() and any(p.iterdir())]
+
+
+def _check_resumable(
+    out: Path, checkpoint: dict[str, Any] | None, settings: dict[str, Any]
+) -> None:
+    """Refuse to add masks to an output folder whose masks came from another model or
+    other settings (a resume would keep them, giving a mixed training set)."""
+    if not _existing_outputs(out):
+        return  # nothing to mix with
+    record_path = out / RECORD_FILE
+    hint = "use a new --out, or --overwrite to delete the old masks first"
+    if not record_path.is_file():
+        raise OtherMasksError(
+            f"{out}: holds pseudo-masks but no {RECORD_FILE} saying which checkpoint "
+            f"made them; {hint}"
+        )
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OtherMasksError(f"{record_path}: cannot be read ({exc}); {hint}") from None
+    if not isinstance(record, dict) or "settings" not in record:
+        raise OtherMasksError(
+            f"{record_path}: does not record the checkpoint and settings of its masks "
+            f"(made by an older version?); {hint}"
+        )
+    then_ckpt = record.get("checkpoint")
+    if not _same_model(then_ckpt, checkpoint):
+        raise OtherMasksError(
+            f"{out}: its masks were made by {_describe_model(then_ckpt)}, not by "
+            f"{_describe_model(checkpoint)}; {hint}"
+        )
+    then_settings = record.get("settings") or {}
+    changed = [
+        f"{key} {then_settings.get(key)!r} then, {value!r} now"
+        for key, value in settings.items()
+        if then_settings.get(key) != value
+    ]
+    if changed:
+        raise OtherMasksError(
+            f"{out}: its masks were made with other settings ({'; '.join(changed)}); {hint}"
+        )
+
+
+def _clear_outputs(out: Path) -> None:
+    """Delete what an earlier run wrote, after checking that ``out`` is such a folder.
+
+    The record goes last, so that a deletion cut short still leaves a folder that
+    identifies itself as pseudo-label output and can be overwritten again.
+    """
+    if _existing_outputs(out) and not (out / RECORD_FILE).is_file():
+        # Without the record this may be some other folder with img/ and mask/ (a split
+        # of the dataset itself): deleting it is left to the user.
+        raise PseudoLabelError(
+            f"{out}: has img/ or mask/ but no {RECORD_FILE}, so it does not look like "
+            "pseudo-label output; not deleting it (remove it yourself or use a new --out)"
+        )
+    for folder in (out / "img", out / "mask", out / "entropy"):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    (out / SYNTHETIC_LABELS_FILE).unlink(missing_ok=True)
+    (out / RECORD_FILE).unlink(missing_ok=True)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Put the source image in the output set without duplicating bytes where possible."""
     if dst.exists():
@@ -95,6 +246,8 @@ def pseudo_label_dataset(
     batch_size: int = 16,
     save_entropy: bool = False,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    overwrite: bool = False,
 ) -> PseudoLabelSummary:
     """Write pseudo-masks for every training image of ``root`` into ``out``.
 
@@ -106,15 +259,23 @@ def pseudo_label_dataset(
             (per-pixel entropy of the prediction, 8-bit PNG scaled to ``log C``).
         patch_size: Side the images are predicted at (the training patch size; default
             ``spec.patch_size`` or 224). Predictions are resized back to each image's size.
-        tta: ``"d4"`` (eight flips/rotations, mean of logits) or ``None``.
+        tta: ``"d4"`` (eight flips/rotations, mean of logits), or ``None``/``"none"``.
         device: Torch device.
         batch_size: Images per forward pass.
         save_entropy: Also write the entropy maps.
         progress: Show a progress bar.
+        checkpoint: The file ``model`` was loaded from; recorded (path, size, time,
+            SHA-256) in ``pseudo_labels.json`` so that a re-run with another one is refused.
+        overwrite: Delete an earlier run's outputs in ``out`` first, instead of resuming.
 
     Returns:
-        Counts of written, already present and failed images. A failed image is reported
-        and the others go on; a re-run writes only what is missing.
+        Counts of written, already present and failed images. A failed image (unreadable,
+        or a label with no class) is reported and the others go on; a re-run with the
+        same checkpoint and settings writes only what is missing.
+
+    Raises:
+        PseudoLabelError: An unknown ``tta``; or ``out`` holds masks made by another
+            checkpoint or with other settings, and ``overwrite`` is not set.
     """
     import torch
     import torch.nn.functional as F
@@ -125,10 +286,29 @@ def pseudo_label_dataset(
     from hisynseg.synthesis.background import background_mask
 
     out = Path(out)
+    tta = _normalise_tta(tta)
     size = int(patch_size or spec.patch_size or 224)
     samples = list_train(root, spec)
+    # What decides the content of a mask, besides the model.
+    settings = {
+        "dataset": spec.name,
+        "classes": list(spec.class_names),
+        "patch_size": size,
+        "tta": tta or "none",
+        "background_in_train": spec.background_in_train,
+        "background_grey_threshold": spec.background_grey_threshold,
+        "background_min_size": spec.background_min_size,
+    }
+    ckpt_record = None if checkpoint is None else checkpoint_record(checkpoint)
+    if overwrite:
+        _clear_outputs(out)
+    else:
+        _check_resumable(out, ckpt_record, settings)
     img_dir, mask_dir, ent_dir = out / "img", out / "mask", out / "entropy"
     mask_dir.mkdir(parents=True, exist_ok=True)
+    # Written before the first mask, so that an interrupted run is still identified.
+    record = {"checkpoint": ckpt_record, "settings": settings}
+    atomic_write_json(out / RECORD_FILE, {**record, "complete": False})
     model = model.to(device).eval()
 
     def seg_logits(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +331,14 @@ def pseudo_label_dataset(
         batch = todo[start : start + batch_size]
         images: list[np.ndarray | None] = []
         for sample in batch:
+            if not sample.label.any():
+                # Neither branch below applies (no class to fill or to constrain to); one
+                # such image must not end the run.
+                failed.append(
+                    f"{sample.path}: label has no positive class, so it gets no pseudo-mask"
+                )
+                images.append(None)
+                continue
             try:
                 images.append(read_rgb(sample.path))
             except HisynsegError as exc:
@@ -215,8 +403,15 @@ def pseudo_label_dataset(
         write_label_csv(out / SYNTHETIC_LABELS_FILE, labels, spec.class_names)
     summary = PseudoLabelSummary(out, written, skipped, single, failed)
     atomic_write_json(
-        out / "pseudo_labels.json",
-        {**summary.to_dict(), "patch_size": size, "tta": tta, "dataset": spec.name},
+        out / RECORD_FILE,
+        {
+            **summary.to_dict(),
+            "patch_size": size,
+            "tta": tta,
+            "dataset": spec.name,
+            **record,
+            "complete": True,
+        },
     )
     return summary
 

@@ -244,23 +244,35 @@ def _eval_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, stage: int) 
 
 def _pseudo_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path) -> Stage:
     def run(folder: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from hisynseg.inference.pseudo_labels import pseudo_label_dataset
+        from hisynseg.inference.pseudo_labels import OtherMasksError, pseudo_label_dataset
         from hisynseg.models.checkpoint import load_segmenter
 
         device = resolve_device(cfg.device)
         ckpt = done["train-stage1"]["best_checkpoint"]
         model, _ = load_segmenter(ckpt, expected_spec=spec, map_location=device)
-        summary = pseudo_label_dataset(
-            model,
-            root,
-            spec,
-            folder,
-            patch_size=cfg.train.data.patch_size,
-            tta=cfg.stage2.tta,
-            device=device,
-            batch_size=cfg.evaluation.batch_size,
-            save_entropy=cfg.stage2.save_entropy,
-        )
+
+        def label(overwrite: bool) -> Any:
+            return pseudo_label_dataset(
+                model,
+                root,
+                spec,
+                folder,
+                patch_size=cfg.train.data.patch_size,
+                tta=cfg.stage2.tta,
+                device=device,
+                batch_size=cfg.evaluation.batch_size,
+                save_entropy=cfg.stage2.save_entropy,
+                checkpoint=ckpt,
+                overwrite=overwrite,
+            )
+
+        try:
+            summary = label(overwrite=False)
+        except OtherMasksError as exc:
+            # The stage's folder belongs to the pipeline: masks of an earlier stage-1 model
+            # or other settings are outdated, not the user's to keep.
+            log.warning("%s; making them again", exc)
+            summary = label(overwrite=True)
         if summary.failed:
             log.warning("pseudo-labelling skipped %d unreadable images", len(summary.failed))
         return {**summary.to_dict(), "out": str(folder), "checkpoint": ckpt}
