@@ -241,6 +241,49 @@ def test_windows_are_averaged_as_probabilities(toy_dataset, monkeypatch) -> None
     assert seen and all(s[1:] == (toy.spec.num_classes, 32, 32) for s in seen)
 
 
+class CountingModel(nn.Module):
+    """Wraps a model and counts the images it is shown."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.input_divisor = getattr(model, "input_divisor", 1)
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> SegmenterOutput:
+        self.images += x.shape[0]
+        return self.model(x)
+
+
+def test_d4_shows_the_network_eight_views_of_every_image(toy_dataset) -> None:
+    toy = toy_dataset("luad-histoseg", num_test=3)
+    plain = CountingModel(random_pixel_model(toy.spec.num_classes))
+    run_eval(plain, toy)
+    d4 = CountingModel(random_pixel_model(toy.spec.num_classes))
+    run_eval(d4, toy, tta="d4")
+    assert plain.images == 3 and d4.images == 8 * plain.images
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"), [("test", (224, 112, TEST_SCALES)), ("val", (224, 224, (1.0,)))]
+)
+def test_large_images_get_the_papers_windows(toy_dataset, monkeypatch, split, expected) -> None:
+    """WSSS4LUAD's defaults reach the sliding-window predictor unchanged (METHOD §7)."""
+    import hisynseg.inference.sliding as sliding
+
+    real = sliding.predict_sliding
+    seen = []
+
+    def recording(prob_fn, image, num_classes, **kwargs):
+        seen.append((kwargs["window"], kwargs["stride"], tuple(kwargs["scales"])))
+        return real(prob_fn, image, num_classes, **kwargs)
+
+    monkeypatch.setattr(sliding, "predict_sliding", recording)
+    toy = toy_dataset("wsss4luad", num_test=1, num_val=1)
+    run_eval(random_pixel_model(toy.spec.num_classes), toy, split=split)
+    assert seen == [expected]
+
+
 def test_settings_defaults_follow_the_paper() -> None:
     luad, wsss = get_dataset_spec("luad-histoseg"), get_dataset_spec("wsss4luad")
     whole = resolve_settings(luad, "test", tta="d4")
@@ -355,7 +398,7 @@ def test_cli_end_to_end(toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixt
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("miou", "fwiou", "iou", "confusion_matrix", "split", "tta", "checkpoint"):
         assert key in metrics
-    assert metrics["split"] == "test" and metrics["tta"] is None
+    assert metrics["split"] == "test" and metrics["tta"] == "d4"  # the paper's test setting
     assert list(metrics["iou"]) == list(toy.spec.class_names)
     assert metrics["checkpoint"] == str(ckpt.resolve())
     assert metrics["settings"]["sliding"] is False

@@ -64,9 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tta",
         choices=("none", "d4"),
-        default="none",
         help="test-time augmentation: d4 averages the logits over 8 flips/rotations "
-        "(the paper's test setting; default: none)",
+        "(default: d4 on the test split, the paper's setting; none on val)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default: CKPT_DIR/eval-SPLIT)")
     p.add_argument(
@@ -120,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         raise CommandError(str(exc.args[0] if exc.args else exc)) from None
     checkpoint = Path(args.checkpoint)
-    tta = None if args.tta == "none" else args.tta
+    chosen = args.tta or ("d4" if args.split == "test" else "none")
+    tta = None if chosen == "none" else chosen
     out = Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}"
     options = {
         "tta": tta,
