@@ -230,6 +230,33 @@ def test_glass_tiles_are_skipped_and_marked_background(tmp_path: Path) -> None:
     assert (result[:, :90] == 1).mean() > 0.95 and (result[:, 100:] == BG).all()
 
 
+def test_an_image_smaller_than_one_tile_is_judged_by_its_own_pixels(tmp_path: Path) -> None:
+    """A 64 px patch of tissue in a 512 px tile is all tissue, not 1.6 % of the tile."""
+    from hisynseg.inference.tissue import TissueDetector
+
+    image = _texture(64, 64, seed=4) // 2 + np.array([100, 20, 90], np.uint8)
+    reader = PlainImageReader("mem", image=image)
+    mask = DiskCanvas.create(tmp_path / "m.raw", (64, 64), np.uint8)
+
+    def backend(tiles: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(tiles), 4, *tiles.shape[1:3]), np.float32)
+        out[:, 2] = 1.0
+        return out
+
+    stats = predict_slide(
+        reader,
+        backend,
+        plan_tiles(reader, tile=512, overlap=64),
+        4,
+        BG,
+        mask,
+        tissue=TissueDetector.fit(reader),
+        min_tissue=0.02,
+    )
+    assert stats.tiles_with_tissue == stats.tiles_predicted == 1
+    assert (mask.read_all() == 2).mean() > 0.9
+
+
 def _checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = build_segmenter("resnet18", num_classes=4)

@@ -175,6 +175,10 @@ def test_tissue_detector_separates_glass_from_stain() -> None:
     assert det.fraction(0, 0, 180, 200) > 0.95
     assert det.fraction(220, 0, 180, 200) < 0.05
     assert det.fraction(1000, 1000, 50, 50) == 0.0
+    # Only the part inside the image counts: a tile hanging over the edge, or a tile far
+    # larger than the image, is judged by the pixels it actually covers.
+    assert det.fraction(-300, 0, 480, 200) > 0.95
+    assert det.fraction(0, 0, 2048, 2048) == pytest.approx(0.5, abs=0.05)
     pixels = det.pixel_mask(image)
     assert pixels[:, 10:190].mean() > 0.95 and pixels[:, 210:].mean() < 0.05
 

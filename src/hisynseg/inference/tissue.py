@@ -79,7 +79,13 @@ class TissueDetector:
         return cls(threshold, mask.astype(bool), (w0 / tw, h0 / th))
 
     def fraction(self, x: float, y: float, width: float, height: float) -> float:
-        """Share of tissue in the level-0 box ``[x, x+width)×[y, y+height)`` (0 outside)."""
+        """Share of tissue in the part of the level-0 box ``[x, x+width)×[y, y+height)``
+        that lies inside the image (0 for a box wholly outside).
+
+        Only the inside part counts: a tile hanging over the image's edge, or one larger
+        than a small image, would otherwise have its tissue diluted by the empty outside
+        and be skipped as background.
+        """
         integral = self._integral
         if integral is None:
             integral = cv2.integral(self.mask.astype(np.uint8)).astype(np.int64)
@@ -90,9 +96,11 @@ class TissueDetector:
         y0 = int(np.clip(np.floor(y / sy), 0, th))
         x1 = int(np.clip(np.ceil((x + width) / sx), 0, tw))
         y1 = int(np.clip(np.ceil((y + height) / sy), 0, th))
-        area = max(1.0, (width / sx) * (height / sy))
         if x1 <= x0 or y1 <= y0:
             return 0.0
+        inside_w = min(x + width, tw * sx) - max(x, 0.0)
+        inside_h = min(y + height, th * sy) - max(y, 0.0)
+        area = max(1.0, (inside_w / sx) * (inside_h / sy))
         inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
         return float(min(1.0, inside / area))
 
