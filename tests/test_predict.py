@@ -299,6 +299,25 @@ def test_cli_predicts_skips_corrupt_inputs_and_resumes(tmp_path: Path) -> None:
     record = json.loads((out / "predict.json").read_text())
     assert [r["status"] for r in record["inputs"]] == ["skipped", "skipped"]
     assert (out / "slide.mask.tif").stat().st_mtime_ns == mtime
+    # The folder's index still describes the outputs of the first run's inputs.
+    assert set(record["outputs"]) == {"slide", "pic"}
+
+    # Outputs made otherwise are not skipped as done: another blending, another model.
+    assert main([*args[:2], str(inputs / "pic.png"), *args[3:], "--blend", "constant"]) == 1
+    record = json.loads((out / "predict.json").read_text())
+    assert "made from other options" in record["inputs"][0]["error"]
+    other = tmp_path / "other"
+    other.mkdir()
+    assert main([*args[:1], str(_checkpoint(other)), str(inputs / "pic.png"), *args[3:]]) == 1
+    record = json.loads((out / "predict.json").read_text())
+    assert "made from another model" in record["inputs"][0]["error"]
+    assert (out / "slide.mask.tif").stat().st_mtime_ns == mtime
+    # --overwrite replaces them, and the index then names the new model.
+    again = [*args[:1], str(other / "model.pt"), str(inputs / "pic.png"), *args[3:]]
+    assert main([*again, "--overwrite"]) == 0
+    record = json.loads((out / "predict.json").read_text())
+    assert str(other / "model.pt") in record["outputs"]["pic"]["model"]
+    assert set(record["outputs"]) == {"slide", "pic"}
 
 
 def test_cli_reports_missing_mpp_per_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -629,5 +648,6 @@ def test_cli_over_many_inputs_prints_only_failures_and_the_summary(
     assert len(out.splitlines()) == 1  # no line per patch
     assert "broken.png" in err
     # With fewer inputs, each gets its line.
-    assert main([*args[:2], str(folder / "p000.png"), *args[3:], "--no-progress"]) == 0
+    again = [*args[:2], str(folder / "p000.png"), *args[3:], "--tile", "32", "--overlap", "0"]
+    assert main([*again, "--no-progress"]) == 0
     assert "p000.png: skipped, outputs exist" in capsys.readouterr().out

@@ -11,16 +11,20 @@ Per input ``NAME`` (the file's stem; its full name when two inputs share a stem)
 * ``NAME.probs.npy`` (``save_probs``): ``H×W×C`` ``float16`` probabilities at the output
   resolution (open with ``np.load(path, mmap_mode="r")``).
 
-An input whose outputs all exist is skipped unless ``overwrite``. An input that fails
-(unreadable file, missing resolution, ...) is reported and the others go on.
-``predict.json`` in the folder records the options, the versions and every input's
-status; it is rewritten every few seconds as inputs finish, at the end, and when the run
-is interrupted (a run killed outright may leave the last few seconds' inputs out).
+An input whose outputs all exist is skipped unless ``overwrite``, provided they were made
+from the same input, model and pixel-changing options (``OUTPUT_SETTINGS``); outputs made
+otherwise are not passed off as this run's: the input fails with an error saying so. An
+input that fails (unreadable file, missing resolution, ...) is reported and the others go
+on. ``predict.json`` in the folder records the options, the versions and every input's
+status, and under ``outputs`` what every output set in the folder was made from, over all
+runs into it; it is rewritten every few seconds as inputs finish, at the end, and when the
+run is interrupted (a run killed outright may leave the last few seconds' inputs out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -92,6 +96,22 @@ log = logging.getLogger(__name__)
 MASK_FORMATS = ("auto", "png", "tiff")
 # Least seconds between two rewrites of predict.json while a run goes on.
 RECORD_EVERY_SECONDS = 2.0
+
+
+# Options that change the pixels of an input's outputs: existing outputs made with other
+# values (or another model or input) are not skipped as done.
+OUTPUT_SETTINGS = (
+    "tile",
+    "overlap",
+    "target_mpp",
+    "mpp",
+    "output_downsample",
+    "max_output_pixels",
+    "blend",
+    "tissue_detection",
+    "min_tissue",
+    "max_tiles",
+)
 
 
 @dataclass(frozen=True)
@@ -524,15 +544,31 @@ def predict_inputs(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     record = _RunRecord(out_dir / "predict.json", header, len(paths))
+    settings = {k: getattr(options, k) for k in OUTPUT_SETTINGS}
 
     def predict_one(path: Path, name: str, reader_pool: ReaderPool | None) -> InputResult:
         expected = output_paths(path, name, out_dir, options)
         start = time.perf_counter()
+        maker = {"input": str(path.resolve()), "model": model_key, "settings": settings}
+        earlier = record.made_by.get(name)
         if not options.overwrite and all(p.is_file() for p in expected.values()):
-            result = InputResult(
-                str(path), name, "skipped", {k: str(v) for k, v in expected.items()}
-            )
-            result.details["reason"] = "outputs exist (use --overwrite to predict again)"
+            if earlier is not None and earlier != maker:
+                words = {"input": "another input", "model": "another model"}
+                differ = [
+                    words.get(k, "other options") for k in maker if earlier.get(k) != maker[k]
+                ]
+                result = InputResult(
+                    str(path),
+                    name,
+                    "failed",
+                    error=f"{expected['mask']}: outputs exist, made from {' and '.join(differ)} "
+                    "(see predict.json); use --overwrite to replace them, or a new --out",
+                )
+            else:
+                result = InputResult(
+                    str(path), name, "skipped", {k: str(v) for k, v in expected.items()}
+                )
+                result.details["reason"] = "outputs exist (use --overwrite to predict again)"
             # Progress left for finished outputs could never be resumed.
             discard_progress(resumable.get(name, []))
         else:
@@ -550,6 +586,7 @@ def predict_inputs(
                     saved_progress=resumable.get(name, []),
                 )
                 result = InputResult(str(path), name, "ok", details.pop("outputs"), details=details)
+                record.made_by[name] = maker
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
@@ -631,6 +668,18 @@ def _report_scratch(
         )
 
 
+def _read_made_by(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``outputs`` index of an earlier ``predict.json`` (empty if there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        made_by = json.loads(path.read_text(encoding="utf-8")).get("outputs") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); the outputs it described are not checked", path, exc)
+        return {}
+    return {str(k): v for k, v in made_by.items() if isinstance(v, dict)}
+
+
 class _RunRecord:
     """``predict.json`` of a run, kept current as inputs finish.
 
@@ -644,6 +693,9 @@ class _RunRecord:
     def __init__(self, path: Path, header: dict[str, Any], inputs: int) -> None:
         self.path, self.header, self.inputs = path, header, inputs
         self.entries: list[dict[str, Any]] = []
+        # Output name -> the input, model and settings its outputs were made from, over
+        # every run into the folder (an earlier run's record is read back).
+        self.made_by: dict[str, dict[str, Any]] = _read_made_by(path)
         self.counts = dict.fromkeys(("ok", "skipped", "failed"), 0)
         self.saved_at = -math.inf
         self.save_seconds = 0.0
@@ -664,6 +716,7 @@ class _RunRecord:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if finished else None,
                 "summary": {"inputs": self.inputs, "done": len(self.entries), **self.counts},
                 "inputs": self.entries,
+                "outputs": self.made_by,
             },
         )
         self.saved_at = time.perf_counter()
