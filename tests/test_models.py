@@ -255,3 +255,25 @@ def test_imagenet_download_path_loads_what_smp_fetches(
     assert "smp-hub/resnet18.imagenet/model.safetensors" in fetched
     own = net.encoder.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in src.items())
+
+
+def test_an_onnx_file_is_named_as_such_where_a_checkpoint_is_needed(tmp_path: Path) -> None:
+    from hisynseg.models.checkpoint import CheckpointError, load_segmenter
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf's first bytes
+    with pytest.raises(CheckpointError, match=r"model\.onnx: an ONNX model.*\.ckpt"):
+        load_segmenter(path)
+
+
+def test_export_refuses_an_opset_too_old_for_the_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hisynseg.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            ["export", str(tmp_path / "m.ckpt"), "--onnx", str(tmp_path / "m.onnx"), "--opset", "5"]
+        )
+    assert stopped.value.code == 2
+    assert "--opset: must be at least 11, got 5" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="checkpoint (.ckpt from 'hisynseg train', or an export)")
+    p.add_argument("checkpoint", help="checkpoint (.ckpt from 'hisynseg train')")
     p.add_argument("root", help="dataset root folder")
     p.add_argument(
         "--dataset",

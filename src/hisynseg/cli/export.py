@@ -18,6 +18,21 @@ example:
 """
 
 
+# The network's bilinear upsampling (Resize with align_corners) needs opset 11 or newer;
+# older ones fail deep inside torch.onnx after printing the whole graph.
+MIN_OPSET = 11
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_OPSET}, got {value}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
@@ -26,9 +41,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.ckpt) or export")
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="checkpoint (.ckpt from 'hisynseg train', or a model saved with "
+        "hisynseg.models.export_segmenter)",
+    )
     p.add_argument("--onnx", metavar="FILE", required=True, help="write the ONNX model here")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    p.add_argument(
+        "--opset",
+        type=_opset,
+        default=17,
+        help=f"ONNX opset version, at least {MIN_OPSET} (default 17)",
+    )
     p.add_argument(
         "--no-verify",
         action="store_true",

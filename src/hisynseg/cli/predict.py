@@ -28,14 +28,14 @@ palette TIFF for TIFF/slide inputs), NAME.overlay.png, NAME.areas.csv (µm² whe
 resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File > Import
 objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
 versions, status of every input). Inputs whose outputs exist are skipped unless
---overwrite. A slide's progress is saved every minute: re-running the same command after
+--overwrite (outputs made by another model or with other options are an error instead). A slide's progress is saved every minute: re-running the same command after
 Ctrl-C, a time limit or a crash goes on from there (also with --overwrite; --restart
 starts afresh; not on Windows). A failing input is reported and
 skipped; the exit status is 0 when all inputs succeeded, 1 otherwise. Each input gets a
 line; with more than 50 inputs, only failures do, and a bar counts the inputs.
 
-CKPT may be a checkpoint or export (torch) or an .onnx file from 'hisynseg export'
-(onnxruntime: pip install "hisynseg[onnx]").
+CKPT may be a torch checkpoint (.ckpt from 'hisynseg train') or an .onnx file from
+'hisynseg export' (onnxruntime: pip install "hisynseg[onnx]").
 
 examples:
   hisynseg predict runs/luad/stage2/checkpoints/best.ckpt slides/ --out predictions \\

@@ -61,6 +61,11 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path}: an ONNX model, which only 'hisynseg predict' runs; this needs the "
+            "torch checkpoint (.ckpt from 'hisynseg train') it was exported from"
+        )
     try:
         try:
             data = torch.load(path, map_location=map_location, weights_only=True)
