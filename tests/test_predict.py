@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from hisynseg.cli import main
@@ -255,6 +256,17 @@ def test_an_image_smaller_than_one_tile_is_judged_by_its_own_pixels(tmp_path: Pa
     )
     assert stats.tiles_with_tissue == stats.tiles_predicted == 1
     assert (mask.read_all() == 2).mean() > 0.9
+
+
+def test_an_image_without_any_tissue_is_reported(tmp_path: Path, caplog) -> None:
+    ckpt = _checkpoint(tmp_path)
+    grey = _texture(64, 64, seed=2).mean(axis=2).astype(np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    args = ["predict", str(ckpt), str(tmp_path / "grey.png"), "--out", str(tmp_path / "out")]
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--tile", "64", "--overlap", "0", "--no-progress"]) == 0
+    assert "grey.png: tissue detection found no tissue" in caplog.text
+    assert "--no-tissue-detection" in caplog.text
 
 
 def _checkpoint(tmp_path: Path) -> Path:

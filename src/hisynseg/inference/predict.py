@@ -397,6 +397,13 @@ def predict_file(
         )
         wo, ho = plan.output_size
         tissue = TissueDetector.fit(reader) if options.tissue_detection else None
+        if tissue is not None and not tissue.mask.any():
+            log.warning(
+                "%s: tissue detection found no tissue (it looks for stained, coloured "
+                "pixels; a greyscale or unstained image has none), so all of it is "
+                "background; --no-tissue-detection predicts every tile",
+                path,
+            )
         scratch = stack.enter_context(scratch_folder(out_dir, keep=has_progress))
         expected = None
         if model_key is not None and resumable_folder(scratch):  # else no run could adopt it
