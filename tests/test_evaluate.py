@@ -389,7 +389,8 @@ def tiny_checkpoint(tmp_path: Path):
 def test_cli_end_to_end(toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixture[str]) -> None:
     toy = toy_dataset("luad-histoseg", num_test=3)
     ckpt = tiny_checkpoint(toy.spec)
-    argv = ["evaluate", str(ckpt), str(toy.root), "--dataset", "luad-histoseg"]
+    # No --dataset: the checkpoint says what it was trained on.
+    argv = ["evaluate", str(ckpt), str(toy.root)]
     rc = main([*argv, "--split", "test", "--save-masks", "--no-progress", "--device", "cpu"])
     assert rc == 0
     printed = capsys.readouterr().out

@@ -56,9 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("root", help="dataset root folder")
     p.add_argument(
         "--dataset",
-        required=True,
         choices=DATASET_NAMES,
-        help="dataset layout and classes ('generic' reads ROOT/classes.yaml)",
+        help="dataset layout and classes ('generic' reads ROOT/classes.yaml); default: the "
+        "dataset the checkpoint was trained on",
     )
     p.add_argument("--split", choices=("val", "test"), default="test", help="default: test")
     p.add_argument(
@@ -106,6 +106,19 @@ def _patch_size(meta: dict[str, Any]) -> int | None:
     return int(size) if size else None
 
 
+def _trained_on(checkpoint: Path) -> str:
+    """The dataset name a checkpoint records (for ``--dataset`` left out)."""
+    from hisynseg.cli import CommandError
+    from hisynseg.models.checkpoint import checkpoint_meta
+
+    name = (checkpoint_meta(checkpoint).get("dataset") or {}).get("name")
+    if name not in DATASET_NAMES:
+        raise CommandError(
+            f"{checkpoint}: does not record a known dataset ({name!r}); pass --dataset"
+        )
+    return str(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from hisynseg.cli import CommandError
     from hisynseg.datasets.io import atomic_write_json
@@ -114,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
     from hisynseg.evaluation.metrics import compute_scores, format_table
     from hisynseg.models.checkpoint import load_segmenter
 
+    checkpoint = Path(args.checkpoint)
+    dataset = args.dataset or _trained_on(checkpoint)
     try:
-        spec = resolve_dataset_spec(args.dataset, args.root)
+        spec = resolve_dataset_spec(dataset, args.root)
     except (KeyError, ValueError) as exc:
         raise CommandError(str(exc.args[0] if exc.args else exc)) from None
-    checkpoint = Path(args.checkpoint)
     chosen = args.tta or ("d4" if args.split == "test" else "none")
     tta = None if chosen == "none" else chosen
     out = Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}"
