@@ -247,6 +247,24 @@ def test_recipes_hold_the_paper_settings() -> None:
     assert luad.stage2.enabled and bcss.stage2.enabled and not wsss.stage2.enabled
 
 
+def test_shipped_recipes_are_found_by_name_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hisynseg.recipes import RECIPE_NAMES, recipe_path
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for name in RECIPE_NAMES:
+        path = recipe_path(name)
+        assert path.is_file() and recipe_path(f"{name}.yaml") == path
+        # The source tree's configs/ are the same files.
+        assert (CONFIGS / f"{name}.yaml").resolve() == path.resolve()
+    assert load_pipeline_config(recipe_path("toy")).train.data.patch_size == 64
+    (tmp_path / "toy.yaml").write_text("dataset: bcss-wsss\n")
+    assert recipe_path("toy.yaml") == Path("toy.yaml")  # an existing file comes first
+    assert recipe_path("missing.yaml") == Path("missing.yaml")
+    assert recipe_path("sub/toy.yaml") == Path("sub/toy.yaml")  # a path is never a name
+
+
 def test_bad_override_and_bad_synthesis_parameter(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="valid keys of filter"):
         load_pipeline_config(CONFIGS / "luad-histoseg.yaml", ["filter.epoch=3"])

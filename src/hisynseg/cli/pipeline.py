@@ -19,7 +19,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="Overrides take the dotted form at any depth, e.g. train.trainer.epochs=3 "
         "filter.enabled=false synthesis.num=500 synthesis.mosaic.tile_size=64.",
     )
-    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/luad-histoseg.yaml")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="recipe YAML, or the name of a shipped recipe: luad-histoseg, bcss-wsss, "
+        "wsss4luad, toy, demo (the files in configs/)",
+    )
     p.add_argument("--data", required=True, help="dataset root in the recipe's layout")
     p.add_argument("--out", required=True, help="run directory (created, or resumed)")
     p.add_argument(
@@ -36,9 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hisynseg.pipeline.config import ABLATIONS, load_pipeline_config
     from hisynseg.pipeline.run import run_pipeline
+    from hisynseg.recipes import recipe_path
 
     overrides = [o for name in args.ablation for o in ABLATIONS[name]] + list(args.overrides)
-    cfg = load_pipeline_config(args.config, overrides)
+    cfg = load_pipeline_config(recipe_path(args.config), overrides)
     summary = run_pipeline(cfg, args.data, args.out)
     for stage, m in summary["metrics"].items():
         print(f"{stage}: mIoU {m['miou']:.4f}  FwIoU {m['fwiou']:.4f} ({m['split']})")
