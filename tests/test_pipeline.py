@@ -257,7 +257,7 @@ def test_shipped_recipes_are_found_by_name_from_any_folder(
         path = recipe_path(name)
         assert path.is_file() and recipe_path(f"{name}.yaml") == path
         # The source tree's configs/ are the same files.
-        assert (CONFIGS / f"{name}.yaml").resolve() == path.resolve()
+        assert (CONFIGS / f"{name}.yaml").read_text() == path.read_text()
     assert load_pipeline_config(recipe_path("toy")).train.data.patch_size == 64
     (tmp_path / "toy.yaml").write_text("dataset: bcss-wsss\n")
     assert recipe_path("toy.yaml") == Path("toy.yaml")  # an existing file comes first
