@@ -152,8 +152,8 @@ class _Progress:
                     if settings.get(k) != (previous.get("settings") or {}).get(k)
                 )
                 raise DemoError(
-                    f"{out}: this run directory was made with other settings ({', '.join(changed)} "
-                    "differ); use a new --out, or the same options to resume"
+                    f"{out}: this run directory was made with other settings (changed: "
+                    f"{', '.join(changed)}); use a new --out, or the same options to resume"
                 )
             self.data = previous
         else:
