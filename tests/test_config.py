@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,40 @@ def test_yaml_round_trip_and_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "list.yaml")
 
 
+def test_unreadable_config_files_are_one_line_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder, an image or an unreadable file given as --config: a ConfigError naming
+    the file and the problem, not a traceback."""
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"toy: is a folder"):
+        load_config(folder)
+    slide = tmp_path / "slide.tif"
+    slide.write_bytes(b"II*\x00\x08\x00\x00\x00\x80\xff\xfe")
+    with pytest.raises(ConfigError, match=r"slide\.tif: not a YAML text file"):
+        load_config(slide)
+
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("stage: 1\n")
+
+    # Simulated: the tests may run as root, who can read any file.
+    for error, wanted in [
+        (PermissionError(13, "Permission denied"), r"not readable \(permission denied\)"),
+        (OSError(5, "Input/output error"), r"cannot be read \(Input/output error\)"),
+    ]:
+        monkeypatch.setattr(Path, "read_text", _raising(error))
+        with pytest.raises(ConfigError, match=rf"locked\.yaml: configuration file {wanted}"):
+            load_config(locked)
+
+
+def _raising(error: OSError) -> Callable[..., str]:
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        raise error
+
+    return read_text
+
+
 def test_yaml_values_are_type_checked() -> None:
     with pytest.raises(ConfigError, match="data.batch_size_real"):
         config_from_dict({"data": {"batch_size_real": "many"}})
@@ -167,3 +202,12 @@ def test_pseudo_masks_outside_stage_2_are_refused_and_pseudo_means_stage_2() -> 
     args = build_parser().parse_args(["train", "--data", "d", "--pseudo", "pm", "--stage", "1"])
     with pytest.raises(ConfigError, match="only read in stage 2"):
         validate_config(build_config(args))
+
+
+def test_train_config_may_name_the_shipped_defaults(tmp_path: Path, monkeypatch) -> None:
+    from hisynseg.cli import build_parser
+    from hisynseg.cli.train import build_config
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--config", "default", "--data", "d"])
+    assert build_config(args) == apply_overrides(Config(), ["data.root=d"])

@@ -7,6 +7,7 @@ LUAD-HistoSeg look-alike and a small synthetic set written here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ from hisynseg.models.checkpoint import (
 )
 from hisynseg.training.data import HisynSegDataModule, LabelledSamples, seed_worker_transform
 from hisynseg.training.module import HisynSegModule, gate_absent_classes
-from hisynseg.training.run import train
+from hisynseg.training.run import changed_settings, train
 from hisynseg.training.transforms import eval_transform, train_transform
 
 SIZE = 64
@@ -98,8 +99,8 @@ def luad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "root": toy.root, "syn": synthetic}
 
 
-def train_one_epoch_cli(luad: dict[str, Path], out: Path) -> int:
-    """One short epoch (3 steps) through the ``train`` CLI, seed 3."""
+def train_one_epoch_cli(luad: dict[str, Path], out: Path, *extra: str) -> int:
+    """One short epoch (3 steps) through the ``train`` CLI, seed 3; ``extra`` words last."""
     return main(
         [
             "train",
@@ -125,6 +126,7 @@ def train_one_epoch_cli(luad: dict[str, Path], out: Path) -> int:
             "trainer.limit_train_batches=3",
             "trainer.progress_bar=false",
             "trainer.log_every_n_steps=1",
+            *extra,
         ]
     )
 
@@ -509,6 +511,95 @@ def test_resuming_into_another_folder_keeps_the_best_epoch(
     assert result.metrics["best_val_miou"] == trained["second"]["best_val_miou"]
 
 
+def _run_holding_epoch1(trained: dict, out: Path) -> Path:
+    """A run directory whose last.ckpt is the fixture's first epoch (seed 3, lr 1e-4)."""
+    (out / "checkpoints").mkdir(parents=True)
+    return Path(shutil.copy(trained["epoch1"], out / "checkpoints" / "last.ckpt"))
+
+
+def test_resume_with_other_settings_is_refused(
+    trained: dict, luad: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Lightning would go on with the checkpoint's optimizer (lr 1e-4) while config.yaml
+    said 0.5: a resume with settings that change the training is refused, before it starts."""
+    out = tmp_path / "run"
+    last = _run_holding_epoch1(trained, out)
+    before = last.read_bytes()
+    assert train_one_epoch_cli(luad, out, "--epochs", "2", "optim.lr=0.5", "loss.w3=0") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "use a new --out" in err
+    assert "optim.lr 0.0001 → 0.5" in err and "loss.w3 1.0 → 0.0" in err
+    assert "trainer.epochs" not in err  # more epochs is what a resume is for
+    assert last.read_bytes() == before and not (out / "config.yaml").exists()
+
+    cfg = apply_overrides(load_config(trained["out"] / "config.yaml"), ["trainer.seed=4"])
+    named = [f"trainer.resume={trained['epoch1']}", f"out={tmp_path / 'fresh'}"]
+    with pytest.raises(ConfigError, match=r"trainer\.seed 3 → 4.*leave out trainer\.resume"):
+        train(apply_overrides(cfg, named))
+
+
+def test_resume_may_change_run_control_settings(
+    trained: dict, luad: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    _run_holding_epoch1(trained, out)
+    # Only how long, how often and how it is shown: the same training goes on.
+    extra = ["--epochs", "2", "data.val_batch_size=1", "trainer.log_every_n_steps=2"]
+    assert train_one_epoch_cli(luad, out, *extra) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 6
+
+
+def test_changed_settings_ignores_run_control_keys_and_path_spelling() -> None:
+    stored = config_to_dict(apply_overrides(Config(), ["data.root=toy", "data.synthetic=[s/a]"]))
+    same = apply_overrides(
+        Config(),
+        [
+            "data.root=./toy/",
+            "data.synthetic=[s/a/]",
+            "trainer.epochs=60",
+            "trainer.devices=2",
+            "data.num_workers=0",
+            "trainer.limit_val_batches=2",
+            "out=elsewhere",
+        ],
+    )
+    assert changed_settings(stored, config_to_dict(same)) == {}
+    other = apply_overrides(same, ["data.synthetic=[s/a, s/b]", "data.patch_size=64"])
+    assert changed_settings(stored, config_to_dict(other)) == {
+        "data.patch_size": (224, 64),
+        "data.synthetic": (["s/a"], ["s/a", "s/b"]),
+    }
+    # A checkpoint from a version without some setting: only the common keys count.
+    del stored["trainer"]["split_forward"]
+    assert changed_settings(stored, config_to_dict(same)) == {}
+
+
+def test_ctrl_c_during_a_fit_exits_130_as_interrupted(
+    luad: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Lightning catches the KeyboardInterrupt and calls sys.exit(1); the CLI still reports
+    an interruption with the shell's status for SIGINT."""
+    import os
+    import signal
+
+    step = HisynSegModule.training_step
+
+    def interrupted_step(self: HisynSegModule, batch: Any, batch_idx: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the first step
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(HisynSegModule, "training_step", interrupted_step)
+    before = signal.getsignal(signal.SIGINT)
+    assert train_one_epoch_cli(luad, tmp_path / "run") == 130
+    assert "train: interrupted; re-run the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # Lightning's SIG_IGN is not left behind
+
+
 def test_load_segmenter_rebuilds_the_trained_network(trained: dict) -> None:
     path = trained["out"] / "checkpoints" / "best.ckpt"
     spec = get_dataset_spec("luad-histoseg")
@@ -616,3 +707,14 @@ def test_lightning_messages_print_once_under_the_cli_logging() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stderr.count("GPU available: no") == 1
     assert "ROOT GPU available: no" in proc.stderr
+
+
+def test_lightning_product_tips_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    from hisynseg.training.run import route_lightning_logs_to_root
+
+    route_lightning_logs_to_root()
+    with caplog.at_level("INFO"):
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.info("💡 Tip: try installing something")
+        rank_zero.info("GPU available: False, used: False")
+    assert "Tip" not in caplog.text and "GPU available" in caplog.text

@@ -390,14 +390,25 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping at the top of a YAML file (empty for an empty file).
 
     Raises:
-        ConfigError: Missing file, invalid YAML, or a top level that is not a mapping;
-            the message names the file.
+        ConfigError: Missing or unreadable file (a folder, no permission, not UTF-8 text
+            such as an image), invalid YAML, or a top level that is not a mapping; the
+            message names the file.
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: configuration file not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not readable as UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: configuration file cannot be read ({exc.strerror or exc})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is not None and not isinstance(data, dict):

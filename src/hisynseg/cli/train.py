@@ -22,7 +22,9 @@ real images with pseudo-masks (--pseudo) plus the synthetic sets.
 
 The run directory (--out) receives config.yaml, versions.json, checkpoints/best.ckpt
 (best validation mIoU) and checkpoints/last.ckpt, TensorBoard and CSV logs under logs/,
-and metrics.json. Re-running the same command resumes from checkpoints/last.ckpt.
+and metrics.json. Re-running the same command resumes from checkpoints/last.ckpt. A resume
+whose settings change the training (lr, losses, data, seed, ...) is refused: train those in
+a new --out. More --epochs, other --devices, workers or logging are fine.
 
 GPUs: mixed precision is used automatically. Several GPUs (--devices N) or machines
 (--num-nodes M, same command on each node with MASTER_ADDR, MASTER_PORT and NODE_RANK set,
@@ -57,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="dotted configuration overrides, applied last",
     )
     p.add_argument(
-        "--config", metavar="YAML", help="configuration file (default: built-in defaults)"
+        "--config",
+        metavar="YAML",
+        help="configuration file, or 'default' for the shipped one (default: built-in defaults)",
     )
     p.add_argument("--data", metavar="DIR", help="dataset root (data.root)")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="dataset layout (data.dataset)")
@@ -94,8 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> Config:
     """The configuration the command line describes (file, then flags, then overrides)."""
     from hisynseg.config import Config, apply_overrides, load_config
+    from hisynseg.recipes import recipe_path
 
-    cfg = load_config(args.config) if args.config else Config()
+    cfg = load_config(recipe_path(args.config)) if args.config else Config()
     d, t = cfg.data, cfg.trainer
     if args.data is not None:
         d.root = args.data

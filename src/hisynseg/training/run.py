@@ -16,7 +16,10 @@ labels) is checked before the trainer starts.
 
 Resuming: ``trainer.resume`` names a checkpoint; when it is unset and the run directory
 already holds ``checkpoints/last.ckpt``, the run continues from it, so re-running an
-interrupted command resumes it (use a new ``out`` for a fresh run).
+interrupted command resumes it (use a new ``out`` for a fresh run). A resume must use the
+checkpoint's settings, apart from run-control keys (:data:`RESUME_MAY_CHANGE`: more epochs,
+other devices, logging, validation frequency, ...); other changes are refused before
+training, since Lightning would carry on with the checkpoint's optimizer state.
 
 Several GPUs and machines use DDP: ``trainer.devices`` GPUs per node, ``trainer.num_nodes``
 nodes (start the same command on every node with Lightning's ``MASTER_ADDR``,
@@ -28,10 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -49,6 +54,8 @@ __all__ = [
     "collect_versions",
     "read_metrics",
     "CHECKPOINT_DIR",
+    "RESUME_MAY_CHANGE",
+    "changed_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,7 +179,117 @@ def _resume_path(cfg: Config, out: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def _check_resume(path: Path, spec: DatasetSpec, model_config: dict[str, Any]) -> None:
+# Settings a resumed run may change (see changed_settings for why each one): everything
+# else changes what or how the network learns, or which epoch counts as best.
+RESUME_MAY_CHANGE: frozenset[str] = frozenset(
+    {
+        "out",
+        "trainer.resume",
+        "trainer.epochs",
+        "trainer.devices",
+        "trainer.num_nodes",
+        "trainer.accelerator",
+        "trainer.channels_last",
+        "trainer.progress_bar",
+        "trainer.log_every_n_steps",
+        "trainer.val_every",
+        "trainer.limit_val_batches",
+        "data.num_workers",
+        "data.val_batch_size",
+        "data.classes",
+    }
+)
+
+# Path-valued settings, compared after normalisation ("toy/" and "toy" are one folder).
+_PATH_KEYS = frozenset({"data.root", "data.synthetic", "data.pseudo_masks"})
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested configuration dictionaries as ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key not in _PATH_KEYS or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [os.path.normpath(str(v)) for v in value]
+    return os.path.normpath(str(value))
+
+
+def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between a checkpoint's configuration and this run's.
+
+    Keys that only one side has (a checkpoint written by a hisynseg version with other
+    settings) are ignored, and so are those of :data:`RESUME_MAY_CHANGE`, which control the
+    run, not the training:
+
+    * ``out``, ``trainer.resume``: where the run is written and what it continues from;
+    * ``trainer.epochs``: how long it runs (more epochs is what a resume is usually for);
+    * ``trainer.devices``, ``trainer.num_nodes``, ``trainer.accelerator``,
+      ``trainer.channels_last``, ``data.num_workers``: where and how fast it runs (batch
+      sizes are per device, so more devices means a larger global batch: the user's call,
+      e.g. after losing a node);
+    * ``trainer.progress_bar``, ``trainer.log_every_n_steps``: what is shown and logged;
+    * ``trainer.val_every``, ``trainer.limit_val_batches``, ``data.val_batch_size``: how
+      often, and on how much, validation runs;
+    * ``data.classes``: only a check of the data (the checkpoint's classes are checked
+      against the data separately).
+
+    Everything else must match: the data and its paths (``data.root``, ``data.synthetic``,
+    ``data.pseudo_masks``, compared after path normalisation), patch size, augmentation,
+    batch sizes, ``stage``, the network and its initial weights, loss weights, optimizer,
+    seed, ``limit_train_batches``, the resolved precision, ``split_forward``,
+    ``sync_batchnorm``, and the ``eval`` settings that score the validation choosing
+    ``best.ckpt``.
+
+    Args:
+        stored: The resolved configuration saved in the checkpoint (nested dictionaries).
+        current: This run's resolved configuration, in the same form.
+
+    Returns:
+        ``{"section.key": (checkpoint's value, this run's value)}``, sorted by key.
+    """
+    theirs, ours = _flatten(stored), _flatten(current)
+    return {
+        key: (theirs[key], ours[key])
+        for key in sorted(set(theirs) & set(ours) - RESUME_MAY_CHANGE)
+        if _comparable(key, theirs[key]) != _comparable(key, ours[key])
+    }
+
+
+def _check_resume(
+    path: Path,
+    spec: DatasetSpec,
+    model_config: dict[str, Any],
+    config: dict[str, Any],
+    explicit: bool,
+) -> None:
+    """Refuse a checkpoint that this run cannot continue as the same training.
+
+    Lightning restores the optimizer (learning rate included), the epoch and the best
+    score from the checkpoint and would silently train on with them while ``config.yaml``
+    recorded this run's settings; so the checkpoint's settings must equal this run's,
+    apart from :data:`RESUME_MAY_CHANGE`.
+
+    Args:
+        path: The checkpoint to resume.
+        spec: This run's dataset.
+        model_config: This run's network description.
+        config: This run's resolved configuration (:func:`config_to_dict`).
+        explicit: The checkpoint was named (``trainer.resume``), not found in ``out``.
+
+    Raises:
+        CheckpointError: Not a Lightning checkpoint, other classes, another network.
+        ConfigError: Other settings; the message lists each key, old and new value.
+    """
     from hisynseg.models.checkpoint import (
         CheckpointError,
         check_checkpoint_classes,
@@ -194,6 +311,22 @@ def _check_resume(path: Path, spec: DatasetSpec, model_config: dict[str, Any]) -
         raise CheckpointError(
             f"{path}: checkpoint holds a different network {theirs}; this run builds {ours}"
         )
+    stored_config = meta.get("config")
+    if not isinstance(stored_config, dict):
+        return  # a checkpoint without its settings: nothing to compare
+    changed = changed_settings(stored_config, config)
+    if changed:
+        listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changed.items())
+        remedy = (
+            "to train with these settings start from scratch (leave out trainer.resume / "
+            "--resume), or resume with the checkpoint's settings"
+            if explicit
+            else "to train with these settings use a new --out, or the same settings to resume"
+        )
+        raise ConfigError(
+            f"{path}: cannot resume, this checkpoint was trained with other settings "
+            f"({listed}); {remedy}"
+        )
 
 
 def route_lightning_logs_to_root() -> None:
@@ -205,12 +338,27 @@ def route_lightning_logs_to_root() -> None:
     stream handlers are removed; without one (a library user who configured nothing) they
     stay, so the messages are still seen.
     """
+    logger = logging.getLogger("lightning")
+    if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
+        # Filters of a logger do not see records of its children: filter where they print.
+        for name in (
+            "lightning.pytorch.utilities.rank_zero",
+            "lightning.fabric.utilities.rank_zero",
+        ):
+            logging.getLogger(name).addFilter(_DropAdvertisements())
+        logger.addFilter(_DropAdvertisements())
     if not logging.getLogger().handlers:
         return
-    logger = logging.getLogger("lightning")
     for handler in list(logger.handlers):
         if type(handler) is logging.StreamHandler:
             logger.removeHandler(handler)
+
+
+class _DropAdvertisements(logging.Filter):
+    """Drops Lightning's product tips (e.g. the litlogger one at every Trainer start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
 
 
 def train(cfg: Config) -> TrainResult:
@@ -250,7 +398,9 @@ def train(cfg: Config) -> TrainResult:
         "dropout": cfg.model.dropout,
     }
     if resume is not None:
-        _check_resume(resume, spec, model_config)
+        _check_resume(
+            resume, spec, model_config, config_to_dict(cfg), explicit=bool(cfg.trainer.resume)
+        )
         log.info("resuming from %s", resume)
 
     # Listing the files parses every label: bad data stops the run here, before training.
@@ -308,7 +458,12 @@ def train(cfg: Config) -> TrainResult:
         atomic_write_json(out / "versions.json", collect_versions())
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # A resumed run writes into its own checkpoint folder on purpose.
+        warnings.filterwarnings(
+            "ignore", message=r"Checkpoint directory .* exists and is not empty"
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     elapsed = time.perf_counter() - start
 
     best = Path(best_cb.best_model_path) if best_cb.best_model_path else None
