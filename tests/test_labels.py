@@ -184,3 +184,19 @@ def test_label_csv_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(LabelError, match="cannot be read") as info:
         read_label_csv(path, CLASSES)
     assert str(path) in str(info.value)
+
+
+def test_a_bad_training_file_name_is_reported_with_its_folder(tmp_path: Path) -> None:
+    """As validate-data does: "scan 01.png" alone does not say which dataset it is in."""
+    from hisynseg.datasets.layouts import list_train
+    from hisynseg.datasets.spec import get_dataset_spec
+
+    spec = get_dataset_spec("luad-histoseg")
+    train = tmp_path / "bad" / spec.layout.train
+    train.mkdir(parents=True)
+    for name in ("1-2-3-[1 0 0 1].png", "scan 01.png"):
+        (train / name).write_bytes(b"")  # listing reads names only
+    with pytest.raises(LabelError) as info:
+        list_train(tmp_path / "bad", spec)
+    message = str(info.value)
+    assert message.startswith(f"{train / 'scan 01.png'}: file name does not end with a luad label")

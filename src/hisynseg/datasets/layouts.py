@@ -69,7 +69,7 @@ def _require_dir(path: Path, what: str, spec: DatasetSpec) -> Path:
 def _labelled_images(folder: Path, spec: DatasetSpec, csv_path: Path | None) -> list[LabelledImage]:
     images = list_images(folder)
     if csv_path is None:
-        return [LabelledImage(p, spec.parse_label(p.name)) for p in images]
+        return [LabelledImage(p, spec.parse_label(p)) for p in images]
     labels = read_label_csv(csv_path, spec.class_names)
     by_name = {p.name: p for p in images}
     missing = sorted(set(labels) - set(by_name))
