@@ -9,22 +9,71 @@ encoded the way that dataset encodes them.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from hisynseg.datasets.io import atomic_write_text, write_mask_png, write_rgb_png
+from hisynseg.datasets.io import (
+    atomic_write_json,
+    atomic_write_text,
+    write_mask_png,
+    write_rgb_png,
+)
 from hisynseg.datasets.labels import write_label_csv
 from hisynseg.datasets.spec import (
+    DATASETS,
     GENERIC_CLASSES_FILE,
+    GENERIC_LABELS_FILE,
     DatasetSpec,
     get_dataset_spec,
     load_generic_spec,
 )
+from hisynseg.errors import HisynsegError
 
-__all__ = ["ToyDataset", "make_toy_dataset", "class_colours", "render_texture", "region_map"]
+__all__ = [
+    "ToyDataError",
+    "ToyDataset",
+    "TOY_MARKER",
+    "MIN_PATCH_SIZE",
+    "make_toy_dataset",
+    "class_colours",
+    "render_texture",
+    "region_map",
+]
+
+# Written into every toy dataset's root: what tells a folder that --overwrite may empty
+# from a real dataset in the same layout, which must never be deleted.
+TOY_MARKER = "toy.json"
+_TOY_KIND = "hisynseg-toy-dataset"
+# Below this, images are too small for the training crops and the textures to mean much.
+MIN_PATCH_SIZE = 32
+_STYLES = ("texture", "flat")
+
+
+def _top_level(relative: str) -> str:
+    return relative.split("/", 1)[0]
+
+
+# Every top-level name a toy dataset of any layout can have: what --overwrite may delete.
+# (The generic layout is LUAD-HistoSeg's, plus classes.yaml and train.csv.)
+_TOY_ENTRIES = frozenset(
+    {TOY_MARKER, GENERIC_CLASSES_FILE, GENERIC_LABELS_FILE}
+    | {
+        _top_level(part)
+        for spec in DATASETS.values()
+        for part in (spec.layout.train, *spec.layout.val, *spec.layout.test)
+    }
+)
+
+
+class ToyDataError(HisynsegError):
+    """Toy data cannot be written as asked (bad argument, or a folder in use)."""
+
 
 # Distinct, stain-like colours; flat-style images use exactly these, which lets tests map
 # every pixel back to its class.
@@ -151,6 +200,78 @@ def _choose_classes(rng: np.random.Generator, num_classes: int, max_classes: int
     return np.sort(rng.choice(num_classes, size=k, replace=False))
 
 
+def _is_toy_root(root: Path) -> bool:
+    try:
+        marker = json.loads((root / TOY_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("kind") == _TOY_KIND
+
+
+def _is_leftover_temp(name: str) -> bool:
+    """A temporary file of an atomic write (``.<name>.XXXX.tmp``) cut short by a kill."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    """Make sure ``root`` is new or empty; with ``overwrite``, empty a toy dataset there.
+
+    A toy dataset written over another one would mix the two, and the counts reported
+    would be those of the new one only.
+    """
+    if root.exists() and not root.is_dir():
+        raise ToyDataError(f"{root}: exists and is not a folder")
+    if not root.is_dir():
+        return
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    if not overwrite:
+        raise ToyDataError(
+            f"{root}: folder is not empty ({shown}); toy data goes into a new or empty "
+            "folder, so that it holds exactly what is reported. Choose another folder, or "
+            "pass --overwrite to replace a toy dataset written there before"
+        )
+    if not _is_toy_root(root):
+        raise ToyDataError(
+            f"{root}: not a toy dataset (no {TOY_MARKER} from toy-data), so --overwrite "
+            "leaves it alone; choose another folder, or delete this one yourself"
+        )
+    foreign = [e for e in entries if e not in _TOY_ENTRIES and not _is_leftover_temp(e)]
+    if foreign:
+        raise ToyDataError(
+            f"{root}: holds {', '.join(foreign[:5])} besides the toy dataset; --overwrite "
+            "deletes only what toy-data writes, so move these away or choose another folder"
+        )
+    for name in entries:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_arguments(
+    counts: dict[str, int],
+    patch_size: int,
+    eval_size: tuple[int, int] | None,
+    style: str,
+    seed: int,
+) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise ToyDataError(f"{name} must be 0 or more, got {value}")
+    if patch_size < MIN_PATCH_SIZE:
+        raise ToyDataError(f"patch size must be at least {MIN_PATCH_SIZE} pixels, got {patch_size}")
+    if eval_size is not None and min(eval_size) < 1:
+        raise ToyDataError(f"evaluation image size must be positive, got {eval_size}")
+    if style not in _STYLES:
+        raise ToyDataError(f"unknown toy style {style!r}; expected one of {', '.join(_STYLES)}")
+    if seed < 0:
+        raise ToyDataError(f"seed must be 0 or more, got {seed}")
+
+
 def make_toy_dataset(
     root: str | Path,
     dataset: str | DatasetSpec = "luad-histoseg",
@@ -163,11 +284,15 @@ def make_toy_dataset(
     eval_size: tuple[int, int] | None = None,
     style: str = "texture",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> ToyDataset:
     """Write a tiny dataset in the layout of ``dataset`` under ``root``.
 
+    The root also receives :data:`TOY_MARKER`, which records what was written and lets a
+    later ``overwrite`` recognise the folder as a toy dataset.
+
     Args:
-        root: Folder to create (existing files with the same names are replaced).
+        root: Folder to create; an existing one must be empty (see ``overwrite``).
         dataset: A registered benchmark name, ``"generic"`` (a 3-class dataset with
             ``classes.yaml`` and ``train.csv``), or a :class:`DatasetSpec`.
         single_per_class: Single-label training images per class (the synthesis pool).
@@ -179,17 +304,46 @@ def make_toy_dataset(
             or 2.5× it for datasets with large evaluation images (WSSS4LUAD).
         style: ``"texture"`` or ``"flat"`` (one constant colour per class).
         seed: Makes the dataset reproducible.
+        overwrite: Delete a toy dataset already in ``root`` first. Only a folder with
+            :data:`TOY_MARKER` holding nothing but toy-data's files is emptied.
 
     Returns:
         A :class:`ToyDataset` naming the root and the spec to read it with.
+
+    Raises:
+        ToyDataError: A negative count, a patch smaller than :data:`MIN_PATCH_SIZE`, an
+            unknown style, a negative seed; ``root`` not empty (without ``overwrite``),
+            or, with it, not a toy dataset or holding other files too.
     """
     root = Path(root)
+    counts = {
+        "single-label images per class": single_per_class,
+        "multi-label training images": multi_train,
+        "validation images": num_val,
+        "test images": num_test,
+    }
+    _check_arguments(counts, patch_size, eval_size, style, seed)
+    _prepare_root(root, overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    marker: dict[str, Any] = {
+        "kind": _TOY_KIND,
+        "dataset": dataset.name if isinstance(dataset, DatasetSpec) else dataset,
+        "single_per_class": single_per_class,
+        "multi_train": multi_train,
+        "num_val": num_val,
+        "num_test": num_test,
+        "patch_size": patch_size,
+        "style": style,
+        "seed": seed,
+        "complete": False,
+    }
+    # The marker goes first, so that a run cut short can still be replaced with overwrite.
+    atomic_write_json(root / TOY_MARKER, marker)
     if isinstance(dataset, DatasetSpec):
         spec = dataset
     elif dataset.lower() == "generic":
         import yaml
 
-        root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             root / GENERIC_CLASSES_FILE, yaml.safe_dump(GENERIC_TOY_CLASSES, sort_keys=False)
         )
@@ -253,4 +407,6 @@ def make_toy_dataset(
             write_rgb_png(root / img_dir / f"{stem}.png", image)
             write_mask_png(root / mask_dir / f"{stem}.png", owner.astype(np.uint8), spec.palette)
 
+    marker.update(dataset=spec.name, complete=True, num_train=count)
+    atomic_write_json(root / TOY_MARKER, marker)
     return ToyDataset(root, spec, count, single_per_class * num_classes)
