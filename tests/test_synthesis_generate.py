@@ -693,3 +693,52 @@ def test_written_pixels_are_the_generated_ones(toys: dict[str, ToyDataset], tmp_
         png = encode_image_png(image, 6, strategy)
         with Image.open(io.BytesIO(png)) as im:
             assert im.mode == "RGB" and (np.asarray(im) == image).all()
+
+
+def test_max_draws_stop_advises_what_works(toys: dict[str, ToyDataset], tmp_path: Path) -> None:
+    """The stop message's advice holds: a higher max_draws continues the same set, and a
+    lower threshold (another set) is refused in that folder, so it asks for a new one."""
+    toy = toys["generic"]
+    pool = SourcePool.build(toy.root, toy.spec, progress=False)
+    out = tmp_path / "strict"
+
+    def share_of_class_0(images: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return (masks == 0).mean(axis=(1, 2))
+
+    def run(max_draws: int, threshold: float = 2.0):
+        return synthesize(
+            None,
+            toy.spec,
+            "mosaic",
+            3,
+            out,
+            params=small("mosaic", toy),
+            pool=pool,
+            keep=share_of_class_0,
+            keep_threshold=threshold,
+            batch_size=4,
+            max_draws=max_draws,
+            progress=False,
+        )
+
+    stopped = run(6).stopped or ""
+    assert "stopped after 6 draws" in stopped
+    assert "re-run the same command with a higher --max-draws" in stopped
+    assert "--keep-threshold" in stopped and "new --out folder" in stopped
+    assert "lower the threshold and re-run" not in stopped
+    assert run(10).draws == 10  # the same command with more draws goes on where it stopped
+    with pytest.raises(SynthesisError, match="different settings.*threshold"):
+        run(10, threshold=0.1)
+
+
+def test_settings_record_what_the_folder_holds(toys: dict[str, ToyDataset], tmp_path: Path) -> None:
+    toy = toys["luad-histoseg"]
+    out = tmp_path / "n"
+    params = small("bezier", toy)
+    synthesize(toy.root, toy.spec, "bezier", 8, out, params=params, progress=False)
+    again = synthesize(toy.root, toy.spec, "bezier", 3, out, params=params, progress=False)
+    assert (again.written, again.skipped) == (0, 3)
+    meta = json.loads((out / SETTINGS_FILE).read_text())
+    # The smaller request leaves all 8 images, which train and train-filter then use.
+    assert len(manifest_rows(out)) == len(list((out / "img").iterdir())) == 8
+    assert (meta["num"], meta["requested"]) == (8, 3)

@@ -6,7 +6,8 @@ Layout of an output folder ``out/``::
     mask/<name>.png      indexed ("P") mask with the dataset's palette
     labels.csv           image-level labels (generic datasets only, whose names carry none)
     manifest.csv         per image: index, file name, label, sources, seed, draw, score
-    synthesis.json       dataset, method, seed, resolved parameters, package versions
+    synthesis.json       dataset, method, seed, resolved parameters, package versions;
+                         ``num``: images held (manifest rows), ``requested``: last --num
     .journal.jsonl       resume state (one JSON line per finished image)
 
 ``<name>`` is ``spec.format_name(f"{method}_{index:06d}", label)``, so the label is in the
@@ -509,6 +510,15 @@ def _make_folders(out: Path) -> None:
         raise SynthesisError(f"{out}: cannot create the output folder ({exc})") from None
 
 
+def _held_count(out: Path) -> int:
+    """Images listed in ``out``'s manifest.csv (0 when it has none yet)."""
+    try:
+        with open(out / MANIFEST_FILE, newline="") as fh:
+            return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
+    except OSError:
+        return 0
+
+
 def _write_settings(out: Path, meta: dict[str, Any]) -> None:
     """Write ``synthesis.json`` atomically, or say in one line why it cannot be."""
     try:
@@ -657,7 +667,12 @@ def synthesize(
 
     meta: dict[str, Any] = {
         "settings": settings,
-        "num": num,
+        # "num" is what the folder holds (manifest.csv's rows), which is what train and
+        # train-filter use; a re-run with a smaller --num leaves the images beyond it in place, so the
+        # request alone would under-state the set. Until this run finishes it is the count
+        # of the run before, matching the manifest, which is also only rewritten at the end.
+        "num": _held_count(out),
+        "requested": num,
         "root": None if pool.root is None else str(pool.root.resolve()),
         "class_counts": list(pool.class_counts),
         "versions": _versions(),
@@ -696,7 +711,7 @@ def synthesize(
                 batch_size,
                 max_draws if max_draws is not None else 20 * max(num, 1),
             )
-    _finish(out, spec, records, journal_path, summary)
+    meta["num"] = _finish(out, spec, records, journal_path, summary)
     if keep is not None:
         meta["filter_stats"] = {
             "draws": summary.draws,
@@ -704,7 +719,7 @@ def synthesize(
             "acceptance_rate": summary.acceptance_rate,
             "stopped": summary.stopped,
         }
-        _write_settings(out, meta)
+    _write_settings(out, meta)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -868,8 +883,9 @@ def _run_filtered(
         rate = kept / draws_done if draws_done else 0.0
         summary.stopped = (
             f"stopped after {draws_done} draws (max_draws) with {kept} of {target} images "
-            f"kept (acceptance {rate:.1%}); the kept images are written — raise max_draws "
-            "or lower the threshold and re-run to continue"
+            f"kept (acceptance {rate:.1%}); the kept images are written. To continue, re-run "
+            "the same command with a higher --max-draws; a lower --keep-threshold makes "
+            "another set, so it needs a new --out folder"
         )
     summary.failed.sort()
     return records
@@ -881,8 +897,12 @@ def _finish(
     records: dict[int, dict[str, Any]],
     journal_path: Path,
     summary: SynthesisSummary,
-) -> None:
-    """Write manifest.csv (and labels.csv for generic datasets), compact the journal."""
+) -> int:
+    """Write manifest.csv (and labels.csv for generic datasets), compact the journal.
+
+    Returns:
+        The number of images the folder holds (the manifest's rows).
+    """
     if summary.draws is not None:
         # Filtered runs: outputs that are not journalled kept images (a write that failed
         # mid-batch, with later ones of the batch done) are not part of the set.
@@ -920,3 +940,4 @@ def _finish(
     if summary.draws is not None:
         buf.write(json.dumps({"draws": summary.draws, "kept": summary.kept}) + "\n")
     atomic_write_bytes(journal_path, buf.getvalue().encode())
+    return len(rows)
