@@ -26,6 +26,7 @@ from hisynseg.datasets.io import list_images, read_rgb
 from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.datasets.toy import make_toy_dataset
 from hisynseg.synthesis import discriminator as disc
+from hisynseg.synthesis.bezier import BezierParams
 from hisynseg.synthesis.discriminator import (
     FilterError,
     FilterFileError,
@@ -315,6 +316,92 @@ def _train_cli(problem: dict[str, Path], synthetic: Path, out: Path, *extra: str
             *extra,
         ]
     )
+
+
+# ----------------------------------------------------------------------------- an existing --out
+
+
+def test_existing_filter_of_another_method_or_settings_is_refused(
+    trained: Path, problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "filter"
+    shutil.copytree(trained, out)
+    before = (out / "filter.pt").read_bytes()
+    bezier = tmp_path / "syn-bezier"
+    spec = get_dataset_spec("luad-histoseg")
+    params = BezierParams(output_size=SIZE)
+    synthesize(problem["root"], spec, "bezier", 12, bezier, params=params, progress=False)
+
+    assert _train_cli(problem, bezier, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{out}: holds a filter trained for something else" in err
+    assert "method: 'mosaic' -> 'bezier'" in err and "use a new --out" in err
+    assert (out / "filter.pt").read_bytes() == before
+    # Other settings on the same images are refused as well (the trained one had 2 epochs).
+    assert _train_cli(problem, problem["syn"], out) == 2
+    assert "epochs: 2 -> 1" in capsys.readouterr().err
+    assert (out / "filter.pt").read_bytes() == before
+
+    assert _train_cli(problem, bezier, out, "--overwrite") == 0
+    assert torch.load(out / "filter.pt", weights_only=True)["method"] == "bezier"
+    assert json.loads((out / "metrics.json").read_text())["method"] == "bezier"
+
+
+def test_existing_filter_of_another_synthetic_set_is_refused(
+    trained: Path, problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "filter"
+    shutil.copytree(trained, out)
+    other = tmp_path / "syn-seed1"  # same method, other images
+    spec = get_dataset_spec("luad-histoseg")
+    synthesize(problem["root"], spec, "mosaic", 12, other, seed=1, params=TINY, progress=False)
+    assert _train_cli(problem, other, out, "--epochs", "2") == 2
+    assert "synthetic images: same count, other files" in capsys.readouterr().err
+
+
+def test_rerun_with_the_same_settings_keeps_a_finished_filter(
+    trained: Path,
+    problem: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "filter"
+    shutil.copytree(trained, out)
+    stamp = (out / "filter.pt").stat().st_mtime_ns
+    # Same command; --device and --workers do not change what the filter is.
+    assert _train_cli(problem, problem["syn"], out, "--epochs", "2", "--workers", "1") == 0
+    assert "already trained with these settings and images" in capsys.readouterr().out
+    assert (out / "filter.pt").stat().st_mtime_ns == stamp
+
+    # Interrupted after epoch 1 of 2: trained again from scratch, the old filter.pt gone
+    # first (stop at the network's construction: whether it trains is all this asks).
+    class TrainingStarted(Exception):
+        pass
+
+    def started() -> nn.Module:
+        raise TrainingStarted
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["epochs"] = metrics["epochs"][:1]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(disc, "build_discriminator", started)
+    spec = get_dataset_spec("luad-histoseg")
+    config = FilterTrainConfig(epochs=2, batch_size=8, image_size=SIZE, device="cpu")
+    with pytest.raises(TrainingStarted):
+        train_filter(problem["root"], spec, problem["syn"], out, method="mosaic", config=config)
+    assert not (out / "filter.pt").exists() and (out / "filter_config.json").is_file()
+
+
+def test_existing_filter_without_its_config_is_judged_by_its_metadata(
+    trained: Path, problem: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "filter"
+    out.mkdir()
+    shutil.copy(trained / "filter.pt", out / "filter.pt")
+    assert _train_cli(problem, problem["syn"], out, "--epochs", "2", "--lr", "0.01") == 2
+    assert "lr: 0.001 -> 0.01" in capsys.readouterr().err
 
 
 def test_damaged_images_are_named_in_one_line_before_training(

@@ -18,6 +18,12 @@ metrics.csv / metrics.json / metrics.png (loss, accuracy, precision, recall, F1 
 positive class: real) and filter_config.json (resolved settings, library versions).
 Use the filter with  hisynseg synthesize ... --filter OUT/filter.pt
 
+An OUT that already holds a filter: trained for the same dataset, method, settings
+(--device and --workers aside) and the same real and synthetic images, and finished, it is
+kept and nothing is retrained (--overwrite retrains it); interrupted, it is trained again
+from scratch. A filter trained for another method, dataset, settings or images is refused:
+use a new --out, or --overwrite to delete it and train anew.
+
 example:
   hisynseg synthesize data/LUAD-HistoSeg --dataset luad-histoseg --method mosaic \\
       --num 10000 --out syn/mosaic-unfiltered
@@ -97,6 +103,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=int, default=0, help="data-loading processes (default 0: in-process)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a filter in --out trained for something else, or retrain a finished one",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -135,7 +146,14 @@ def run(args: argparse.Namespace) -> int:
         method=method,
         config=config,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
+    if result.skipped:
+        print(
+            f"{result.checkpoint}: already trained with these settings and images (epoch "
+            f"{result.best_epoch} kept); nothing retrained (--overwrite retrains it)"
+        )
+        return 0
     c = result.counts
     print(
         f"trained on {c['train_real']} real + {c['train_synthetic']} synthetic images, "

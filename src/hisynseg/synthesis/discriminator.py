@@ -56,6 +56,7 @@ __all__ = [
     "REAL_INDEX",
     "FilterError",
     "FilterFileError",
+    "FilterExistsError",
     "FilterTrainConfig",
     "FilterSplit",
     "FilterTrainResult",
@@ -110,6 +111,10 @@ class FilterError(HisynsegError):
 
 class FilterFileError(FilterError, ValueError):
     """A filter checkpoint is unreadable, not a filter, or made for other data."""
+
+
+class FilterExistsError(FilterError):
+    """The output folder holds a filter trained for another method, dataset or settings."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -589,6 +594,7 @@ class FilterTrainResult:
     best_epoch: int
     best: dict[str, float]
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
 
     def history_table(self) -> str:
         """The per-epoch losses and validation figures as a text table, the kept epoch
@@ -715,6 +721,124 @@ def synthetic_set_method(folder: str | Path, spec: DatasetSpec, method: str | No
     return recorded
 
 
+# Settings that change where or how fast the filter trains, not what it learns.
+_RUNTIME_SETTINGS = ("device", "workers")
+_OUTPUTS = (FILTER_FILE, METRICS_CSV, METRICS_JSON, METRICS_PNG, FILTER_CONFIG_FILE)
+
+
+def _files_fingerprint(paths: Sequence[Path]) -> dict[str, Any]:
+    """Count and a hash of names and sizes: tells another image set from this one cheaply."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"{path.name}\t{path.stat().st_size}\n".encode())
+    return {"count": len(paths), "sha256": digest.hexdigest()[:16]}
+
+
+def _trained_for(
+    spec: DatasetSpec,
+    method: str,
+    config: FilterTrainConfig,
+    real_paths: Sequence[Path],
+    fake_paths: Sequence[Path],
+) -> dict[str, Any]:
+    """What a filter is the filter of: compared with an existing one in the output folder."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _RUNTIME_SETTINGS}
+    return {
+        "dataset": {"name": spec.name, "classes": list(spec.class_names)},
+        "method": method,
+        "settings": settings,
+        "real_images": _files_fingerprint(real_paths),
+        "synthetic_images": _files_fingerprint(fake_paths),
+    }
+
+
+def _recorded_identity(out: Path) -> tuple[dict[str, Any] | None, bool]:
+    """What the filter in ``out`` was trained for, and whether that record is complete.
+
+    Read from ``filter_config.json``; where it is missing or damaged, from ``filter.pt``'s
+    metadata. Records of older hisynseg versions lack the image fingerprints: what they
+    hold is compared, and the record is not complete (such a filter is retrained, never
+    taken as done).
+
+    Returns:
+        ``(None, False)`` when ``out`` holds no ``filter.pt``.
+
+    Raises:
+        FilterExistsError: A filter is there but what it was trained for cannot be read.
+    """
+    config_path, filter_path = out / FILTER_CONFIG_FILE, out / FILTER_FILE
+    if not filter_path.is_file():
+        # Nothing to protect: at most the settings and curves of a run stopped before its
+        # first epoch was saved.
+        return None, False
+    record: Any = None
+    try:
+        record = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        pass
+    if not isinstance(record, dict) or "method" not in record:
+        try:
+            record = torch.load(filter_path, map_location="cpu", weights_only=True)
+        except Exception:  # torch reports corruption as many exception types
+            record = None
+    if not isinstance(record, dict) or "method" not in record:
+        raise FilterExistsError(
+            f"{out}: holds a filter whose training settings cannot be read "
+            f"({FILTER_CONFIG_FILE} or {FILTER_FILE} is damaged); use a new --out, or "
+            "--overwrite to replace it"
+        )
+    if isinstance(record.get("trained_for"), dict):
+        return record["trained_for"], True
+    dataset = record.get("dataset") if isinstance(record.get("dataset"), dict) else {}
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    return {
+        "dataset": {"name": dataset.get("name"), "classes": dataset.get("classes")},
+        "method": record.get("method"),
+        "settings": {k: v for k, v in settings.items() if k not in _RUNTIME_SETTINGS},
+    }, False
+
+
+def _identity_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"what: old -> new"`` for every recorded fact that differs (unrecorded ones pass)."""
+    diffs = []
+    if old.get("dataset") != new["dataset"]:
+        diffs.append(
+            f"dataset: {(old.get('dataset') or {}).get('name')!r} -> {new['dataset']['name']!r}"
+        )
+    if old.get("method") != new["method"]:
+        diffs.append(f"method: {old.get('method')!r} -> {new['method']!r}")
+    old_settings = old.get("settings") or {}
+    for key, value in new["settings"].items():
+        if key in old_settings and old_settings[key] != value:
+            diffs.append(f"{key}: {old_settings[key]!r} -> {value!r}")
+    for key, what in (("real_images", "real images"), ("synthetic_images", "synthetic images")):
+        if key in old and old[key] != new[key]:
+            before, after = old[key] or {}, new[key]
+            detail = (
+                f"{before.get('count')} -> {after['count']} files"
+                if before.get("count") != after["count"]
+                else "same count, other files"
+            )
+            diffs.append(f"{what}: {detail}")
+    return diffs
+
+
+def _finished_result(out: Path, config: FilterTrainConfig) -> FilterTrainResult | None:
+    """The result of a finished earlier training in ``out``, or ``None`` if it did not
+    finish (every epoch in metrics.json, and filter.pt there)."""
+    try:
+        summary = json.loads((out / METRICS_JSON).read_text())
+        history = summary["epochs"]
+        best_epoch, best, counts = int(summary["best_epoch"]), summary["best"], summary["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(history) != config.epochs or not (out / FILTER_FILE).is_file():
+        return None
+    return FilterTrainResult(
+        out, out / FILTER_FILE, history, best_epoch, best, counts, skipped=True
+    )
+
+
 def train_filter(
     root: str | Path,
     spec: DatasetSpec,
@@ -725,6 +849,7 @@ def train_filter(
     config: FilterTrainConfig | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> FilterTrainResult:
     """Train the real-vs-synthetic discriminator of one dataset and one synthesis method.
 
@@ -733,6 +858,12 @@ def train_filter(
     is saved as ``out/filter.pt``; per-epoch metrics (positive class: real) go to
     ``metrics.csv``, ``metrics.json`` and ``metrics.png``; the resolved settings and
     library versions to ``filter_config.json``.
+
+    An ``out`` that already holds a filter: trained for the same dataset, method, settings
+    (device and workers aside) and images, and finished, it is kept and returned with
+    ``skipped=True`` (nothing is retrained); unfinished (interrupted), it is trained again
+    from scratch. A filter trained for anything else is refused, unless ``overwrite``,
+    which deletes it and trains anew.
 
     Args:
         root: Dataset root.
@@ -743,8 +874,12 @@ def train_filter(
         config: Training settings (paper defaults when ``None``).
         progress: Show progress bars.
         on_epoch: Called with each epoch's metrics once they are computed.
+        overwrite: Replace a filter in ``out`` trained for another method, dataset,
+            settings or images, and retrain even a finished one with the same.
 
     Raises:
+        FilterExistsError: ``out`` holds a filter trained for something else (the
+            message lists what differs) and ``overwrite`` is false.
         FilterError: Bad settings, too few images, or damaged images (all of them named,
             checked before training).
         ImageReadError: An image that passed the check cannot be decoded (named).
@@ -793,6 +928,29 @@ def train_filter(
             f"unreadable: {shown}"
         )
 
+    if out.exists() and not out.is_dir():
+        raise FilterError(f"{out}: exists and is not a folder; --out must be a folder")
+    trained_for = _trained_for(spec, method, config, real_paths, fake_paths)
+    if not overwrite:
+        old, complete = _recorded_identity(out)
+        if old is not None:
+            diffs = _identity_diffs(old, trained_for)
+            if diffs:
+                raise FilterExistsError(
+                    f"{out}: holds a filter trained for something else ("
+                    + "; ".join(diffs[:6])
+                    + "); use a new --out, or --overwrite to replace it"
+                )
+            finished = _finished_result(out, config) if complete else None
+            if finished is not None:
+                log.info("%s: already trained with these settings and images; kept", out)
+                return finished
+            log.info("%s: an unfinished filter with these settings; training it again", out)
+    # Old outputs go first: a filter.pt of an earlier run must not survive next to the
+    # new filter_config.json if this run stops before its first saved epoch.
+    for name in _OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
     out.mkdir(parents=True, exist_ok=True)
     settings = asdict(config)
     settings["device"] = str(device)
@@ -800,6 +958,7 @@ def train_filter(
         out / FILTER_CONFIG_FILE,
         {
             "command": "train-filter",
+            "trained_for": trained_for,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "data_root": str(Path(root).resolve()),
             "dataset": spec.to_dict(),
