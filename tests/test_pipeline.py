@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -98,6 +99,8 @@ def test_whole_pipeline_on_each_layout(tmp_path: Path, dataset: str) -> None:
     report = (out / "report.md").read_text()
     assert "| stage1 | test |" in report and "## Filters" in report
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert (summary["status"], summary["stages_left"]) == ("complete", [])
+    assert "Incomplete" not in report and "Total:" in report
     assert (out / "pipeline.yaml").is_file() and "torch" in (out / "versions.json").read_text()
     # Stage 2 trains on the pseudo-masks and the filtered synthetic sets.
     cfg2 = (out / "10-train-stage2" / "config.yaml").read_text()
@@ -283,3 +286,102 @@ def test_bad_override_and_bad_synthesis_parameter(tmp_path: Path) -> None:
         ]
     )
     assert code == 2
+
+
+def test_an_interrupted_run_says_so_in_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.training.run as training_run
+
+    root = _toy(tmp_path, "luad-histoseg")
+    out = tmp_path / "run"
+    cfg = load_pipeline_config(
+        CONFIGS / "luad-histoseg.yaml",
+        [*TINY, *ABLATIONS["no-stage2"], *ABLATIONS["no-filter"], *ABLATIONS["mosaic-only"]],
+    )
+
+    def interrupted(train_cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_run, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, root, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "incomplete"
+    assert summary["stages_left"] == ["02-train-stage1", "03-eval-stage1"]
+    report = (out / "report.md").read_text().splitlines()
+    assert report[2].startswith("**Incomplete:** stages 2–3 not run yet")
+    assert "re-run the same command to continue" in report[2]
+    assert any(line.startswith("Total so far:") for line in report)
+
+
+def test_a_finished_run_is_reported_complete(tmp_path: Path) -> None:
+    from hisynseg.datasets.spec import get_dataset_spec
+    from hisynseg.pipeline.report import write_report
+    from hisynseg.pipeline.stages import StageRecord
+
+    cfg = load_pipeline_config(CONFIGS / "luad-histoseg.yaml")
+    spec = get_dataset_spec("luad-histoseg")
+    planned = ["01-synth-mosaic", "02-train-stage1", "03-eval-stage1"]
+    records = [
+        StageRecord(name.split("-", 1)[1], tmp_path / name, {}, 1.0, False) for name in planned
+    ]
+    done = write_report(tmp_path, cfg, spec, records, planned=planned)
+    assert (done["status"], done["stages_left"]) == ("complete", [])
+    assert "Incomplete" not in (tmp_path / "report.md").read_text()
+    one_left = write_report(tmp_path, cfg, spec, records[:2], planned=planned)
+    assert (one_left["status"], one_left["stages_left"]) == ("incomplete", ["03-eval-stage1"])
+    assert "**Incomplete:** stage 3 not run yet" in (tmp_path / "report.md").read_text()
+
+
+def test_filtered_synthesis_stopped_by_max_draws_gives_advice_that_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.synthesis.discriminator as disc
+    from hisynseg.datasets.spec import get_dataset_spec
+
+    root = _toy(tmp_path, "luad-histoseg")
+    cfg = load_pipeline_config(
+        CONFIGS / "luad-histoseg.yaml",
+        [*TINY, *ABLATIONS["mosaic-only"], "synthesis.num=2", "synthesis.max_draws_factor=2"],
+    )
+
+    def keeps_nothing(path, **kwargs):
+        return lambda images, masks, labels: np.zeros(len(images), dtype=bool)
+
+    monkeypatch.setattr(disc, "load_filter", keeps_nothing)
+    stage = next(
+        s
+        for s in build_stages(cfg, get_dataset_spec("luad-histoseg"), root)
+        if s.name == "synth-mosaic"
+    )
+    folder = tmp_path / "03-synth-mosaic"
+    with pytest.raises(PipelineError) as info:
+        stage.run(folder, {"filter-mosaic": {"checkpoint": "unused.pt"}})
+    message = str(info.value)
+    # synthesize's flags (--max-draws, --keep-threshold) are not the pipeline's.
+    assert "kept 0 of 2 images in 4 draws" in message
+    assert "synthesis.max_draws_factor" in message and "new --out" in message
+    assert "--max-draws" not in message
+
+
+def test_filter_stage_replaces_an_outdated_filter_in_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hisynseg.synthesis.discriminator as disc
+    from hisynseg.datasets.spec import get_dataset_spec
+
+    calls: list[bool] = []
+
+    def train_filter(root, spec, synthetic, out, *, method, config, overwrite=False):
+        calls.append(overwrite)
+        if not overwrite:
+            raise disc.FilterExistsError(f"{out}: holds a filter trained for something else")
+        return disc.FilterTrainResult(out, out / "filter.pt", [], 1, {}, {})
+
+    monkeypatch.setattr(disc, "train_filter", train_filter)
+    cfg = load_pipeline_config(CONFIGS / "luad-histoseg.yaml", [*TINY, *ABLATIONS["mosaic-only"]])
+    spec = get_dataset_spec("luad-histoseg")
+    stage = next(s for s in build_stages(cfg, spec, tmp_path) if s.name == "filter-mosaic")
+    summary = stage.run(tmp_path / "02-filter-mosaic", {"synth-unfiltered-mosaic": {"out": "x"}})
+    assert calls == [False, True] and summary["best_epoch"] == 1

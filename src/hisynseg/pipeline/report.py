@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,27 @@ def _pct(value: Any) -> str:
     return f"{100 * float(value):.2f}"
 
 
-def _summary(cfg: PipelineConfig, spec: DatasetSpec, records: list[StageRecord]) -> dict[str, Any]:
+def _stages_left(records: list[StageRecord], planned: Sequence[str] | None) -> list[str]:
+    """Folders of the planned stages that have no record yet, in order."""
+    done = {r.folder.name for r in records}
+    return [name for name in planned or () if name not in done]
+
+
+def _stage_span(folders: Sequence[str]) -> str:
+    """``"stage 11"`` or ``"stages 10–11"`` from folder names such as ``"10-train-stage2"``."""
+    numbers = [name.split("-", 1)[0].lstrip("0") or "0" for name in folders]
+    if len(numbers) == 1:
+        return f"stage {numbers[0]}"
+    return f"stages {numbers[0]}–{numbers[-1]}"
+
+
+def _summary(
+    cfg: PipelineConfig,
+    spec: DatasetSpec,
+    records: list[StageRecord],
+    planned: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    left = _stages_left(records, planned)
     metrics: dict[str, Any] = {}
     filters: dict[str, Any] = {}
     synthesis: dict[str, Any] = {}
@@ -70,6 +91,8 @@ def _summary(cfg: PipelineConfig, spec: DatasetSpec, records: list[StageRecord])
                 for k in ("images", "filtered", "draws", "kept", "acceptance_rate")
             }
     return {
+        "status": "incomplete" if left else "complete",
+        "stages_left": left,
         "dataset": spec.name,
         "classes": list(spec.class_names),
         "metrics": metrics,
@@ -99,6 +122,15 @@ def _summary(cfg: PipelineConfig, spec: DatasetSpec, records: list[StageRecord])
 
 def _markdown(summary: dict[str, Any], spec: DatasetSpec) -> str:
     lines = [f"# HisynSeg run on {spec.name}", ""]
+    left = summary.get("stages_left") or []
+    if left:
+        # An interrupted run leaves this file behind; without this line its tables and
+        # total would read as the final result.
+        lines += [
+            f"**Incomplete:** {_stage_span(left)} not run yet ({', '.join(left)}); re-run "
+            "the same command to continue. The figures below cover the stages done so far.",
+            "",
+        ]
     s = summary["settings"]
     lines += [
         f"Methods: {', '.join(s['methods'])}; filter: {'on' if s['filter'] else 'off'}; "
@@ -156,15 +188,34 @@ def _markdown(summary: dict[str, Any], spec: DatasetSpec) -> str:
         lines.append(
             f"| {st['folder']} | {st['seconds']:.1f} | {'skipped (done before)' if st['skipped'] else 'ran'} |"
         )
-    lines += ["", f"Total: {summary['total_seconds']:.1f} s.", ""]
+    total = "Total so far" if left else "Total"
+    lines += ["", f"{total}: {summary['total_seconds']:.1f} s.", ""]
     return "\n".join(lines)
 
 
 def write_report(
-    out: Path, cfg: PipelineConfig, spec: DatasetSpec, records: list[StageRecord]
+    out: Path,
+    cfg: PipelineConfig,
+    spec: DatasetSpec,
+    records: list[StageRecord],
+    planned: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``summary.json`` and ``report.md`` for the stages done so far; return the summary."""
-    summary = _summary(cfg, spec, records)
+    """Write ``summary.json`` and ``report.md`` for the stages done so far; return the summary.
+
+    Args:
+        out: The run directory.
+        cfg: The run's recipe.
+        spec: The dataset.
+        records: The stages done (or skipped as done before), in order.
+        planned: The folder names of every stage of the run, in order. Those without a
+            record make the report "incomplete": ``summary.json`` gets ``"status":
+            "incomplete"`` and ``"stages_left"``, and ``report.md`` says so at the top.
+            ``None``: ``records`` are the whole run.
+
+    Returns:
+        The content of ``summary.json``.
+    """
+    summary = _summary(cfg, spec, records, planned)
     atomic_write_json(out / SUMMARY_FILE, summary)
     atomic_write_text(out / REPORT_FILE, _markdown(summary, spec))
     return summary

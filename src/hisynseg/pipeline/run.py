@@ -15,7 +15,8 @@ Stages, each in its own folder of the run directory (METHOD.md §3–7)::
     11-eval-stage2
 
 Ablations remove stages (no filter: no 01–04, the training sets unfiltered; one method
-only; no stage 2: no 09–11). The run ends with ``report.md`` and ``summary.json``.
+only; no stage 2: no 09–11). ``report.md`` and ``summary.json`` are rewritten after every
+stage; until the last stage is done they say the run is incomplete and which stages are left.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hisynseg.devices import resolve_device
 from hisynseg.errors import HisynsegError
 from hisynseg.pipeline.config import PipelineConfig, save_pipeline_config
 from hisynseg.pipeline.report import write_report
-from hisynseg.pipeline.stages import Stage, StageRecord, run_stages
+from hisynseg.pipeline.stages import Stage, StageRecord, run_stages, stage_folder
 
 __all__ = ["PipelineError", "build_stages", "run_pipeline", "RESOLVED_RECIPE"]
 
@@ -103,6 +104,16 @@ def _synth_stage(
         if summary.failed:
             log.warning("%s: %d draws failed", folder.name, len(summary.failed))
         if summary.stopped:
+            if max_draws is not None and (summary.draws or 0) >= max_draws:
+                # synthesize's own advice (--max-draws, --keep-threshold, --out) names
+                # flags this command lacks, and a run directory refuses a changed recipe.
+                raise PipelineError(
+                    f"{folder.name}: the filter kept {summary.kept} of {num} images in "
+                    f"{summary.draws} draws, the most synthesis.max_draws_factor = "
+                    f"{cfg.synthesis.max_draws_factor:g} allows; the kept images are "
+                    "written. A run directory keeps its recipe, so re-run with a higher "
+                    "synthesis.max_draws_factor or a lower filter.keep_threshold and a new --out"
+                )
             raise PipelineError(f"{folder.name}: {summary.stopped}")
         return {
             "out": str(folder),
@@ -122,26 +133,41 @@ def _synth_stage(
 
 def _filter_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, method: str) -> Stage:
     def run(folder: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from hisynseg.synthesis.discriminator import FilterTrainConfig, train_filter
+        from hisynseg.synthesis.discriminator import (
+            FilterExistsError,
+            FilterTrainConfig,
+            train_filter,
+        )
 
         f = cfg.filter
-        result = train_filter(
-            root,
-            spec,
-            done[f"synth-unfiltered-{method}"]["out"],
-            folder,
-            method=method,
-            config=FilterTrainConfig(
-                epochs=f.epochs,
-                lr=f.lr,
-                batch_size=f.batch_size,
-                cap=f.cap,
-                val_fraction=f.val_fraction,
-                image_size=f.image_size,
-                seed=cfg.seed,
-                device=cfg.device,
-            ),
-        )
+
+        def train(overwrite: bool) -> Any:
+            return train_filter(
+                root,
+                spec,
+                done[f"synth-unfiltered-{method}"]["out"],
+                folder,
+                method=method,
+                config=FilterTrainConfig(
+                    epochs=f.epochs,
+                    lr=f.lr,
+                    batch_size=f.batch_size,
+                    cap=f.cap,
+                    val_fraction=f.val_fraction,
+                    image_size=f.image_size,
+                    seed=cfg.seed,
+                    device=cfg.device,
+                ),
+                overwrite=overwrite,
+            )
+
+        try:
+            result = train(overwrite=False)
+        except FilterExistsError as exc:
+            # The stage's folder belongs to the pipeline: a filter of other settings there
+            # is outdated (e.g. left by an older hisynseg), not the user's to keep.
+            log.warning("%s: replacing a filter trained for other settings (%s)", folder, exc)
+            result = train(overwrite=True)
         return {
             "checkpoint": str(result.checkpoint),
             "best_epoch": result.best_epoch,
@@ -315,14 +341,16 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, out: str | Path) -> dict
     spec = resolve_dataset_spec(cfg.dataset, root)
     _check_recipe(cfg, out)
     stages = build_stages(cfg, spec, root)
+    planned = [stage_folder(out, i, s.name).name for i, s in enumerate(stages, start=1)]
     records: list[StageRecord] = []
 
     def on_stage(record: StageRecord) -> None:
         records.append(record)
-        write_report(out, cfg, spec, records)
+        # Written after every stage, so an interrupted run's report says what is left.
+        write_report(out, cfg, spec, records, planned=planned)
 
     run_stages(out, stages, on_stage=on_stage)
-    return write_report(out, cfg, spec, records)
+    return write_report(out, cfg, spec, records, planned=planned)
 
 
 def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
