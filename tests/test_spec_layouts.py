@@ -293,6 +293,8 @@ def test_list_split_errors(toy_dataset) -> None:
     shutil.rmtree(toy.root / "3.testing" / "img")
     with pytest.raises(DatasetLayoutError, match=r"3\.testing/img.*missing test image folder"):
         list_split(toy.root, toy.spec, "test")
+    with pytest.raises(DatasetLayoutError, match=r"nope: no such dataset folder"):
+        list_split(toy.root / "nope", toy.spec, "test")
 
 
 @pytest.mark.parametrize("side", ["img", "mask"])

@@ -56,7 +56,11 @@ class MaskedImage:
     mask: Path
 
 
-def _require_dir(path: Path, what: str, spec: DatasetSpec) -> Path:
+def _require_dir(root: Path, sub: str, what: str, spec: DatasetSpec) -> Path:
+    if not root.is_dir():
+        # Say that the dataset root is not there, not which of its subfolders is missing.
+        raise DatasetLayoutError(f"{root}: no such dataset folder")
+    path = root / sub
     if not path.is_dir():
         raise DatasetLayoutError(
             f"{path}: missing {what} folder of the {spec.name} layout "
@@ -89,7 +93,7 @@ def list_train(root: str | Path, spec: DatasetSpec) -> list[LabelledImage]:
         LabelError: A file name (or CSV row) carries no valid label.
     """
     root = Path(root)
-    folder = _require_dir(root / spec.layout.train, "training", spec)
+    folder = _require_dir(root, spec.layout.train, "training", spec)
     csv_path = root / spec.labels_csv if spec.labels_csv else None
     return _labelled_images(folder, spec, csv_path)
 
@@ -121,10 +125,10 @@ def list_split(root: str | Path, spec: DatasetSpec, split: str) -> list[MaskedIm
     """
     root = Path(root)
     img_dir, mask_dir = spec.layout.split_dirs(split)
-    images = list_images(_require_dir(root / img_dir, f"{split} image", spec))
+    images = list_images(_require_dir(root, img_dir, f"{split} image", spec))
     _by_unique_stem(images, "images")
     masks = _by_unique_stem(
-        list_images(_require_dir(root / mask_dir, f"{split} mask", spec)), "masks"
+        list_images(_require_dir(root, mask_dir, f"{split} mask", spec)), "masks"
     )
     pairs = []
     for image in images:
