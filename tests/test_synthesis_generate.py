@@ -742,3 +742,29 @@ def test_settings_record_what_the_folder_holds(toys: dict[str, ToyDataset], tmp_
     # The smaller request leaves all 8 images, which train and train-filter then use.
     assert len(manifest_rows(out)) == len(list((out / "img").iterdir())) == 8
     assert (meta["num"], meta["requested"]) == (8, 3)
+
+
+def test_a_second_writer_is_refused_and_killed_writes_are_cleared(
+    toys: dict[str, ToyDataset], tmp_path: Path
+) -> None:
+    import fcntl
+
+    from hisynseg.synthesis.generate import LOCK_FILE
+
+    toy = toys["luad-histoseg"]
+    pool = SourcePool.build(toy.root, toy.spec, progress=False)
+    out = tmp_path / "syn"
+    common = dict(params=small("mosaic", toy), pool=pool, progress=False)
+    synthesize(None, toy.spec, "mosaic", 3, out, **common)
+    # What a worker killed mid-write leaves: atomic_path's temporary files.
+    leftovers = [out / "img" / ".mosaic_000009.png.abc123.tmp", out / "mask" / ".x.png.q.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    with open(out / LOCK_FILE, "a") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SynthesisError, match="another synthesis is writing"):
+            synthesize(None, toy.spec, "mosaic", 4, out, **common)
+        assert all(path.exists() for path in leftovers)  # not another run's to remove
+    summary = synthesize(None, toy.spec, "mosaic", 4, out, **common)
+    assert summary.written == 1 and summary.skipped == 3
+    assert not any(path.exists() for path in leftovers)

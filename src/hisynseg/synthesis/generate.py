@@ -39,6 +39,7 @@ the run stops after ``max_draws`` draws, keeping what it made.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -497,6 +498,8 @@ def _holds_nothing(out: Path) -> bool:
     for entry in out.iterdir():
         if entry.name in ("img", "mask") and entry.is_dir() and not any(entry.iterdir()):
             continue
+        if entry.name == LOCK_FILE:
+            continue
         return False
     return True
 
@@ -508,6 +511,37 @@ def _make_folders(out: Path) -> None:
             (out / sub).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SynthesisError(f"{out}: cannot create the output folder ({exc})") from None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for the run, and clear what killed runs left.
+
+    Two runs writing one folder would interleave their journals and replace each other's
+    files; the second is refused. While the lock is held, no other run is writing, so any
+    temporary file in ``img/`` or ``mask/`` is a leftover of a run killed mid-write. Where
+    file locks are not available (Windows), neither the check nor the clean-up is done.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SynthesisError(
+                f"{out}: another synthesis is writing into this folder; wait for it to "
+                "finish, or synthesize into another folder"
+            ) from None
+        for sub in ("img", "mask"):
+            for leftover in (out / sub).glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+        yield
 
 
 def _held_count(out: Path) -> int:
@@ -654,74 +688,79 @@ def synthesize(
     # folder's being creatable and writable included.
     _check_folder(out, settings, [k for k in settings if k != "sources"])
     _make_folders(out)
-    if pool is None:
-        if root is None:
-            raise SynthesisError("synthesize needs a dataset root or a prebuilt pool")
-        pool = SourcePool.build(root, spec, workers=workers, progress=progress)
-    elif pool.spec.to_dict() != spec.to_dict():
-        raise SynthesisError(f"the source pool is of dataset {pool.spec.name!r}, not {spec.name!r}")
-    if isinstance(params, BezierParams):
-        check_sources(params, pool)
-    settings["sources"] = {"count": len(pool), "fingerprint": pool.fingerprint()}
-    old = _check_folder(out, settings, settings)
-
-    meta: dict[str, Any] = {
-        "settings": settings,
-        # "num" is what the folder holds (manifest.csv's rows), which is what train and
-        # train-filter use; a re-run with a smaller --num leaves the images beyond it in place, so the
-        # request alone would under-state the set. Until this run finishes it is the count
-        # of the run before, matching the manifest, which is also only rewritten at the end.
-        "num": _held_count(out),
-        "requested": num,
-        "root": None if pool.root is None else str(pool.root.resolve()),
-        "class_counts": list(pool.class_counts),
-        "versions": _versions(),
-    }
-    if "filter_stats" in old:
-        meta["filter_stats"] = old["filter_stats"]
-    # Settings first: a folder with outputs but no settings would be refused on resume.
-    _write_settings(out, meta)
-
-    summary = SynthesisSummary(out=out, method=method, requested=num)
-    stream = PLAIN_STREAM if keep is None else FILTERED_STREAM
-    job = _Job(spec, method, params, seed, out, compress_level, png_strategy, stream)
-    journal_path = out / JOURNAL_FILE
-    records, draws_done = _read_journal(journal_path)
-    with _Runner(job, pool, workers) as runner, open(journal_path, "a") as journal:
-
-        def log_record(entry: dict[str, Any]) -> None:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-
-        if keep is None:
-            records = _run_plain(runner, out, method, num, records, summary, log_record, progress)
-        else:
-            records = _run_filtered(
-                runner,
-                out,
-                method,
-                num,
-                records,
-                draws_done,
-                summary,
-                log_record,
-                progress,
-                keep,
-                keep_threshold,
-                batch_size,
-                max_draws if max_draws is not None else 20 * max(num, 1),
+    with _output_lock(out):
+        if pool is None:
+            if root is None:
+                raise SynthesisError("synthesize needs a dataset root or a prebuilt pool")
+            pool = SourcePool.build(root, spec, workers=workers, progress=progress)
+        elif pool.spec.to_dict() != spec.to_dict():
+            raise SynthesisError(
+                f"the source pool is of dataset {pool.spec.name!r}, not {spec.name!r}"
             )
-    meta["num"] = _finish(out, spec, records, journal_path, summary)
-    if keep is not None:
-        meta["filter_stats"] = {
-            "draws": summary.draws,
-            "kept": summary.kept,
-            "acceptance_rate": summary.acceptance_rate,
-            "stopped": summary.stopped,
+        if isinstance(params, BezierParams):
+            check_sources(params, pool)
+        settings["sources"] = {"count": len(pool), "fingerprint": pool.fingerprint()}
+        old = _check_folder(out, settings, settings)
+
+        meta: dict[str, Any] = {
+            "settings": settings,
+            # "num" is what the folder holds (manifest.csv's rows), which is what train and
+            # train-filter use; a re-run with a smaller --num leaves the images beyond it in place, so the
+            # request alone would under-state the set. Until this run finishes it is the count
+            # of the run before, matching the manifest, which is also only rewritten at the end.
+            "num": _held_count(out),
+            "requested": num,
+            "root": None if pool.root is None else str(pool.root.resolve()),
+            "class_counts": list(pool.class_counts),
+            "versions": _versions(),
         }
-    _write_settings(out, meta)
-    summary.seconds = time.perf_counter() - started
-    return summary
+        if "filter_stats" in old:
+            meta["filter_stats"] = old["filter_stats"]
+        # Settings first: a folder with outputs but no settings would be refused on resume.
+        _write_settings(out, meta)
+
+        summary = SynthesisSummary(out=out, method=method, requested=num)
+        stream = PLAIN_STREAM if keep is None else FILTERED_STREAM
+        job = _Job(spec, method, params, seed, out, compress_level, png_strategy, stream)
+        journal_path = out / JOURNAL_FILE
+        records, draws_done = _read_journal(journal_path)
+        with _Runner(job, pool, workers) as runner, open(journal_path, "a") as journal:
+
+            def log_record(entry: dict[str, Any]) -> None:
+                journal.write(json.dumps(entry) + "\n")
+                journal.flush()
+
+            if keep is None:
+                records = _run_plain(
+                    runner, out, method, num, records, summary, log_record, progress
+                )
+            else:
+                records = _run_filtered(
+                    runner,
+                    out,
+                    method,
+                    num,
+                    records,
+                    draws_done,
+                    summary,
+                    log_record,
+                    progress,
+                    keep,
+                    keep_threshold,
+                    batch_size,
+                    max_draws if max_draws is not None else 20 * max(num, 1),
+                )
+        meta["num"] = _finish(out, spec, records, journal_path, summary)
+        if keep is not None:
+            meta["filter_stats"] = {
+                "draws": summary.draws,
+                "kept": summary.kept,
+                "acceptance_rate": summary.acceptance_rate,
+                "stopped": summary.stopped,
+            }
+        _write_settings(out, meta)
+        summary.seconds = time.perf_counter() - started
+        return summary
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
