@@ -265,6 +265,10 @@ def test_shipped_recipes_are_found_by_name_from_any_folder(
     (tmp_path / "toy.yaml").write_text("dataset: bcss-wsss\n")
     assert recipe_path("toy.yaml") == Path("toy.yaml")  # an existing file comes first
     assert recipe_path("missing.yaml") == Path("missing.yaml")
+    (tmp_path / "luad-histoseg").mkdir()  # a dataset folder named like a recipe
+    assert (
+        recipe_path("luad-histoseg") == recipe_path("luad-histoseg.yaml") != Path("luad-histoseg")
+    )
     assert recipe_path("sub/toy.yaml") == Path("sub/toy.yaml")  # a path is never a name
 
 

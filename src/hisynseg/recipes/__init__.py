@@ -29,7 +29,7 @@ RECIPE_NAMES = tuple(_RECIPES)
 
 
 def recipe_path(value: str | os.PathLike[str]) -> Path:
-    """The file a ``--config`` value means: itself if it exists, else a shipped recipe.
+    """The file a ``--config`` value means: itself if it is a file, else a shipped recipe.
 
     Args:
         value: A path, or a recipe name with or without ``.yaml``
@@ -40,7 +40,8 @@ def recipe_path(value: str | os.PathLike[str]) -> Path:
         it reports the missing file under the name the user gave.
     """
     path = Path(value)
-    if path.exists() or path.parent != Path("."):
+    # A folder of the same name (the quick start's dataset is called 'toy') is no recipe.
+    if path.is_file() or path.parent != Path("."):
         return path
     name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
     return _RECIPES.get(name, path)
