@@ -407,6 +407,12 @@ def test_cli_end_to_end(toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixt
     assert settings["settings"] == metrics["settings"] and settings["patch_size"] == 32
     assert len(list((out / "masks").glob("*.png"))) == 3
     assert len(list((out / "overlays").glob("*_panel.png"))) == 3
+    # Evaluated again without --save-masks: the earlier run's masks do not stay behind
+    # next to the new metrics (another file in the folder does).
+    (out / "masks" / "mine.txt").write_text("keep")
+    assert main([*argv, "--split", "test", "--no-progress", "--device", "cpu"]) == 0
+    assert [p.name for p in (out / "masks").iterdir()] == ["mine.txt"]
+    assert not list((out / "overlays").iterdir())
 
 
 def test_cli_large_images_with_tta_and_windows(

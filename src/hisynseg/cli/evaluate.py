@@ -122,6 +122,7 @@ def _trained_on(checkpoint: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     from hisynseg.cli import CommandError
     from hisynseg.datasets.io import atomic_write_json
+    from hisynseg.datasets.layouts import list_split
     from hisynseg.datasets.spec import resolve_dataset_spec
     from hisynseg.evaluation.evaluate import evaluate, resolve_settings
     from hisynseg.evaluation.metrics import compute_scores, format_table
@@ -161,8 +162,13 @@ def run(args: argparse.Namespace) -> int:
         "patch_size": patch_size,
         "settings": settings.to_dict(),
     }
-    # A metrics.json left by an earlier run must not pass for this run's result.
+    # A metrics.json, masks or overlays left by an earlier run must not pass for this
+    # run's results (only the files an evaluation of this split writes are removed).
     (out / "metrics.json").unlink(missing_ok=True)
+    for pair in list_split(args.root, spec, args.split):
+        stem = pair.image.stem
+        for old in (f"masks/{stem}.png", f"overlays/{stem}.png", f"overlays/{stem}_panel.png"):
+            (out / old).unlink(missing_ok=True)
     atomic_write_json(out / "evaluation.json", header)
     result = evaluate(
         model,
