@@ -132,12 +132,18 @@ def test_indexed_mask_with_a_display_palette_reads_its_indices(tmp_path: Path) -
     assert np.array_equal(read_mask(tmp_path / "m.png", PALETTE), mask)
 
 
-def test_indexed_mask_mixing_our_colours_and_foreign_ones_is_an_error(tmp_path: Path) -> None:
+def test_indexed_masks_with_display_palettes_keep_their_indices(tmp_path: Path) -> None:
+    """Palettes that share only a grey with the dataset (black, white) say nothing."""
+    generic = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0]]  # black background, class 3
+    only_zero = np.zeros((8, 8), np.uint8)
+    _indexed_png(tmp_path / "ramp.png", only_zero, [[v, v, v] for v in range(256)])
+    assert (read_mask(tmp_path / "ramp.png", generic) == 0).all()
+    voc = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
     mask = random_mask()
-    colours = [list(PALETTE[1]), [1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
-    _indexed_png(tmp_path / "m.png", mask, colours)
-    with pytest.raises(MaskColourError, match=r"m\.png: .*index 0 .*class 1"):
-        read_mask(tmp_path / "m.png", PALETTE)
+    _indexed_png(tmp_path / "voc.png", mask, voc)
+    assert np.array_equal(read_mask(tmp_path / "voc.png", generic), mask)
+    _indexed_png(tmp_path / "mixed.png", mask, [list(PALETTE[1]), [1, 2, 3], [4, 5, 6]] * 2)
+    assert np.array_equal(read_mask(tmp_path / "mixed.png", PALETTE), mask)
 
 
 def test_greyscale_mask_reads_values(tmp_path: Path) -> None:

@@ -169,9 +169,8 @@ def read_mask(
 
     Raises:
         ImageReadError: Unreadable file.
-        MaskColourError: An RGB mask with a colour outside ``palette``, an indexed mask
-            whose palette mixes the dataset's colours in other places with foreign ones,
-            or a 16/32-bit mask with a value above 255.
+        MaskColourError: An RGB mask with a colour outside ``palette``, or a 16/32-bit
+            mask with a value above 255.
     """
     path = Path(path)
     img = _open_image(path)
@@ -216,34 +215,26 @@ def _indices_by_colour(
     """Class indices of an indexed mask, trusting its palette where it names our colours.
 
     The file's palette is the only record of which class an index meant when the indices
-    are not ours. Three cases: every index present shows the dataset colour of its own
-    class (the usual file: read as is); every one shows some dataset colour (re-indexed:
-    map by colour); none shows another class's colour (a display palette, such as a grey
-    ramp: read as is). Anything else cannot be read either way with confidence.
+    are not ours. Read as is: a file whose indices all show their own class's colour (the
+    usual case), and a file whose palette is for display only (a grey ramp, PASCAL VOC's
+    colours, PIL's default), which at best shares a grey such as black or white with the
+    dataset by chance. Mapped by colour: a file whose indices all show dataset colours,
+    at least one of them a true colour (not a grey), i.e. a colour mask re-indexed by an
+    editor or PIL's ``quantize``.
     """
     ours = {tuple(int(c) for c in colour): index for index, colour in enumerate(palette)}
-    present = np.unique(indices)
-    colours = {}
-    for value in present.tolist():
-        rgb = tuple(int(c) for c in file_palette[3 * value : 3 * value + 3])
-        colours[value] = rgb if len(rgb) == 3 else None
+    colours: dict[int, tuple[int, ...]] = {}
+    for value in np.unique(indices).tolist():
+        colours[value] = tuple(int(c) for c in file_palette[3 * value : 3 * value + 3])
     if all(ours.get(rgb) == value for value, rgb in colours.items()):
         return indices
-    if all(rgb in ours for rgb in colours.values()):
-        lookup = np.arange(256, dtype=np.uint8)
-        for value, rgb in colours.items():
-            lookup[value] = ours[rgb]
-        return lookup[indices]
-    foreign = [v for v, rgb in colours.items() if rgb in ours and ours[rgb] != v]
-    if not foreign:
+    coloured = any(len(set(rgb)) > 1 for rgb in colours.values())
+    if not coloured or not all(rgb in ours for rgb in colours.values()):
         return indices
-    value = foreign[0]
-    raise MaskColourError(
-        f"{path}: indexed mask's palette shows index {value} in colour "
-        f"{list(colours[value])}, the dataset's colour of class {ours[colours[value]]}, "
-        "while other indices have colours outside the dataset's palette; save the mask "
-        "with the dataset's palette (or as RGB in its colours)"
-    )
+    lookup = np.arange(256, dtype=np.uint8)
+    for value, rgb in colours.items():
+        lookup[value] = ours[rgb]
+    return lookup[indices]
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
