@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,19 @@ class BestCheckpoint(ModelCheckpoint):
         if self.dirpath is None or old_dir == self.dirpath or score is None:
             super().load_state_dict(state_dict)
             return
-        if not old_best or not Path(old_best).is_file():
+        here = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
+        if old_best and Path(old_best).is_file():
+            here.parent.mkdir(parents=True, exist_ok=True)
+            # Every DDP process restores callbacks: each copies under a name of its own
+            # and renames (the same bytes), so none trips over another's partial file.
+            partial = here.with_name(f".{here.name}.{socket.gethostname()}.{os.getpid()}.partial")
+            shutil.copyfile(old_best, partial)
+            partial.replace(here)
+            log.info("resumed from another run directory: its best checkpoint copied to %s", here)
+        elif here.is_file():
+            # The run directory was moved or copied: its best checkpoint came along.
+            log.info("resumed in a moved run directory: keeping %s as the best so far", here)
+        else:
             log.warning(
                 "the best checkpoint of the resumed run (%s) is missing: best.ckpt will hold "
                 "the best of the epochs trained from now on",
@@ -92,16 +106,10 @@ class BestCheckpoint(ModelCheckpoint):
             )
             self._forget_best = True
             return
-        here = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
-        here.parent.mkdir(parents=True, exist_ok=True)
-        partial = here.with_name(f".{here.name}.partial")
-        shutil.copyfile(old_best, partial)
-        partial.replace(here)
         score = torch.as_tensor(score)
         self.best_model_path = self.kth_best_model_path = str(here)
         self.best_model_score = self.kth_value = score
         self.best_k_models = {str(here): score}
-        log.info("resumed from another run directory: its best checkpoint copied to %s", here)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._forget_best and hasattr(pl_module, "best_miou"):
