@@ -249,6 +249,12 @@ def test_masks_without_a_record_are_neither_resumed_nor_deleted(tmp_path) -> Non
                 model, toy.root, toy.spec, out, patch_size=64, progress=False, overwrite=overwrite
             )
     assert list((out / "mask").glob("*.png"))
+    # The pipeline owns its stage folder: it clears it without a record, then labels.
+    from hisynseg.inference.pseudo_labels import clear_pseudo_labels
+
+    clear_pseudo_labels(out, require_record=False)
+    summary = pseudo_label_dataset(model, toy.root, toy.spec, out, patch_size=64, progress=False)
+    assert summary.written and (out / "pseudo_labels.json").is_file()
 
 
 def test_cli_generic_dataset_without_classes_yaml_is_one_line(tmp_path, capsys) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "PseudoLabelSummary",
     "TTA_CHOICES",
     "checkpoint_record",
+    "clear_pseudo_labels",
     "constrain_to_label",
     "pseudo_label_dataset",
 ]
@@ -171,8 +172,9 @@ def _check_resumable(
     hint = "use a new --out, or --overwrite to delete the old masks first"
     if not record_path.is_file():
         raise OtherMasksError(
-            f"{out}: holds pseudo-masks but no {RECORD_FILE} saying which checkpoint "
-            f"made them; {hint}"
+            f"{out}: holds img/ and mask/ but no {RECORD_FILE} saying which checkpoint "
+            "made them (an older hisynseg's output, or not pseudo-label output at all); "
+            "use a new --out, or delete those folders yourself"
         )
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -201,13 +203,23 @@ def _check_resumable(
         )
 
 
-def _clear_outputs(out: Path) -> None:
-    """Delete what an earlier run wrote, after checking that ``out`` is such a folder.
+def clear_pseudo_labels(out: str | Path, require_record: bool = True) -> None:
+    """Delete what a pseudo-labelling run wrote into ``out``.
+
+    Args:
+        out: The output folder.
+        require_record: Refuse a folder with ``img/`` or ``mask/`` but no
+            ``pseudo_labels.json``, which may be something else (a dataset split); the
+            pipeline, which owns its stage folders, passes ``False``.
 
     The record goes last, so that a deletion cut short still leaves a folder that
     identifies itself as pseudo-label output and can be overwritten again.
+
+    Raises:
+        PseudoLabelError: ``require_record`` and the folder has no record.
     """
-    if _existing_outputs(out) and not (out / RECORD_FILE).is_file():
+    out = Path(out)
+    if require_record and _existing_outputs(out) and not (out / RECORD_FILE).is_file():
         # Without the record this may be some other folder with img/ and mask/ (a split
         # of the dataset itself): deleting it is left to the user.
         raise PseudoLabelError(
@@ -301,7 +313,7 @@ def pseudo_label_dataset(
     }
     ckpt_record = None if checkpoint is None else checkpoint_record(checkpoint)
     if overwrite:
-        _clear_outputs(out)
+        clear_pseudo_labels(out)
     else:
         _check_resumable(out, ckpt_record, settings)
     img_dir, mask_dir, ent_dir = out / "img", out / "mask", out / "entropy"

@@ -270,7 +270,11 @@ def _eval_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path, stage: int) 
 
 def _pseudo_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path) -> Stage:
     def run(folder: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from hisynseg.inference.pseudo_labels import OtherMasksError, pseudo_label_dataset
+        from hisynseg.inference.pseudo_labels import (
+            OtherMasksError,
+            clear_pseudo_labels,
+            pseudo_label_dataset,
+        )
         from hisynseg.models.checkpoint import load_segmenter
 
         device = resolve_device(cfg.device)
@@ -298,7 +302,8 @@ def _pseudo_stage(cfg: PipelineConfig, spec: DatasetSpec, root: Path) -> Stage:
             # The stage's folder belongs to the pipeline: masks of an earlier stage-1 model
             # or other settings are outdated, not the user's to keep.
             log.warning("%s; making them again", exc)
-            summary = label(overwrite=True)
+            clear_pseudo_labels(folder, require_record=False)
+            summary = label(overwrite=False)
         if summary.failed:
             log.warning("pseudo-labelling skipped %d unreadable images", len(summary.failed))
         return {**summary.to_dict(), "out": str(folder), "checkpoint": ckpt}
