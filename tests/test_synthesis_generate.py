@@ -768,3 +768,8 @@ def test_a_second_writer_is_refused_and_killed_writes_are_cleared(
     summary = synthesize(None, toy.spec, "mosaic", 4, out, **common)
     assert summary.written == 1 and summary.skipped == 3
     assert not any(path.exists() for path in leftovers)
+    # A folder it cannot write the lock in (read-only; here: the name is taken) is one line.
+    (out / LOCK_FILE).unlink()
+    (out / LOCK_FILE).mkdir()
+    with pytest.raises(SynthesisError, match="cannot write in the output folder"):
+        synthesize(None, toy.spec, "mosaic", 4, out, **common)

@@ -530,7 +530,11 @@ def _output_lock(out: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(out / LOCK_FILE, "a") as handle:
+    try:
+        handle = open(out / LOCK_FILE, "a")
+    except OSError as exc:
+        raise SynthesisError(f"{out}: cannot write in the output folder ({exc.strerror})") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
