@@ -250,12 +250,17 @@ def test_sigterm_and_ctrl_c_stop_a_command_with_the_shells_status(
 def test_a_command_that_does_not_resume_promises_no_resume(
     signum: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    evaluate = importlib.import_module("hisynseg.cli.evaluate")
+    monkeypatch.setattr(evaluate, "run", _stopped_by(signum, False, []))
+    assert main(["evaluate", "c.ckpt", "root"]) in (130, 143)
+    err = capsys.readouterr().err
+    assert "evaluate: " in err and "a re-run starts from the beginning" in err
+    assert "resume" not in err
+    # toy-data refuses a non-empty folder: its advice says how to start again.
     toy_data = importlib.import_module("hisynseg.cli.toy_data")
     monkeypatch.setattr(toy_data, "run", _stopped_by(signum, False, []))
     assert main(["toy-data", "unused"]) in (130, 143)
-    err = capsys.readouterr().err
-    assert "toy-data: " in err and "a re-run starts from the beginning" in err
-    assert "resume" not in err
+    assert "toy-data: " in (err := capsys.readouterr().err) and "--overwrite" in err
 
 
 def test_resumable_commands_are_commands() -> None:

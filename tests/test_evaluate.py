@@ -415,6 +415,16 @@ def test_cli_end_to_end(toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixt
     assert not list((out / "overlays").iterdir())
 
 
+def test_cli_finds_a_generic_checkpoints_dataset_without_dataset(
+    toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toy = toy_dataset("generic", num_test=1)
+    ckpt = tiny_checkpoint(toy.spec)
+    argv = ["evaluate", str(ckpt), str(toy.root), "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--tta", "none"]) == 0
+    assert f"{toy.spec.name} test: 1 images" in capsys.readouterr().out
+
+
 def test_cli_large_images_with_tta_and_windows(
     toy_dataset, tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

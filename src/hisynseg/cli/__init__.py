@@ -106,6 +106,8 @@ def _stopped(command: str, terminated: bool) -> int:
     """Report a command stopped by a signal; the exit status a shell gives that signal."""
     if command in RESUMABLE:
         advice = "re-run the same command to resume"
+    elif command == "toy-data":
+        advice = "re-run it with --overwrite to start again"
     else:
         # This command keeps no partial progress: promising a resume would mislead.
         advice = "a re-run starts from the beginning"

@@ -106,17 +106,26 @@ def _patch_size(meta: dict[str, Any]) -> int | None:
     return int(size) if size else None
 
 
-def _trained_on(checkpoint: Path) -> str:
-    """The dataset name a checkpoint records (for ``--dataset`` left out)."""
+def _trained_on(checkpoint: Path, root: Path) -> str:
+    """The dataset to evaluate on when ``--dataset`` is left out: the checkpoint's.
+
+    A benchmark is recorded by name; a generic dataset by the name in its classes.yaml,
+    so for one of those the data root's own classes.yaml is read (and its classes are
+    checked against the checkpoint's when the model is loaded).
+    """
     from hisynseg.cli import CommandError
+    from hisynseg.datasets.spec import GENERIC_CLASSES_FILE
     from hisynseg.models.checkpoint import checkpoint_meta
 
     name = (checkpoint_meta(checkpoint).get("dataset") or {}).get("name")
-    if name not in DATASET_NAMES:
-        raise CommandError(
-            f"{checkpoint}: does not record a known dataset ({name!r}); pass --dataset"
-        )
-    return str(name)
+    if name in DATASET_NAMES:
+        return str(name)
+    if name and (root / GENERIC_CLASSES_FILE).is_file():
+        return "generic"
+    raise CommandError(
+        f"{checkpoint}: trained on {name!r}, which is no benchmark, and {root} has no "
+        f"{GENERIC_CLASSES_FILE}; pass --dataset"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from hisynseg.models.checkpoint import load_segmenter
 
     checkpoint = Path(args.checkpoint)
-    dataset = args.dataset or _trained_on(checkpoint)
+    dataset = args.dataset or _trained_on(checkpoint, Path(args.root))
     try:
         spec = resolve_dataset_spec(dataset, args.root)
     except (KeyError, ValueError) as exc:

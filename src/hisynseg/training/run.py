@@ -236,7 +236,8 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[st
     * ``trainer.devices``, ``trainer.num_nodes``, ``trainer.accelerator``,
       ``trainer.channels_last``, ``data.num_workers``: where and how fast it runs (batch
       sizes are per device, so more devices means a larger global batch: the user's call,
-      e.g. after losing a node);
+      e.g. after losing a node). Moving between GPU and CPU with precision ``auto`` still
+      changes the resolved ``trainer.precision`` (16-mixed vs 32-true), which must match;
     * ``trainer.progress_bar``, ``trainer.log_every_n_steps``: what is shown and logged;
     * ``trainer.val_every``, ``trainer.limit_val_batches``, ``data.val_batch_size``: how
       often, and on how much, validation runs;
