@@ -758,6 +758,7 @@ def test_a_second_writer_is_refused_and_killed_writes_are_cleared(
     synthesize(None, toy.spec, "mosaic", 3, out, **common)
     # What a worker killed mid-write leaves: atomic_path's temporary files.
     leftovers = [out / "img" / ".mosaic_000009.png.abc123.tmp", out / "mask" / ".x.png.q.tmp"]
+    leftovers.append(out / ".manifest.csv.z9.tmp")
     for path in leftovers:
         path.write_bytes(b"partial")
     with open(out / LOCK_FILE, "a") as other_run:

@@ -493,12 +493,13 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _holds_nothing(out: Path) -> bool:
-    """Whether ``out`` is empty but for empty ``img/`` and ``mask/`` folders (what a run
-    that stopped before writing its settings, e.g. on an unreadable source, leaves)."""
+    """Whether ``out`` is empty but for empty ``img/`` and ``mask/`` folders, the lock and
+    temporary files (what a run that stopped before writing its settings, e.g. on an
+    unreadable source, leaves)."""
     for entry in out.iterdir():
         if entry.name in ("img", "mask") and entry.is_dir() and not any(entry.iterdir()):
             continue
-        if entry.name == LOCK_FILE:
+        if entry.name == LOCK_FILE or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             continue
         return False
     return True
@@ -522,8 +523,9 @@ def _output_lock(out: Path) -> Iterator[None]:
 
     Two runs writing one folder would interleave their journals and replace each other's
     files; the second is refused. While the lock is held, no other run is writing, so any
-    temporary file in ``img/`` or ``mask/`` is a leftover of a run killed mid-write. Where
-    file locks are not available (Windows), neither the check nor the clean-up is done.
+    temporary file in the folder, ``img/`` or ``mask/`` is a leftover of a run killed
+    mid-write. Where file locks are not available (Windows), neither the check nor the
+    clean-up is done.
     """
     try:
         import fcntl
@@ -542,8 +544,8 @@ def _output_lock(out: Path) -> Iterator[None]:
                 f"{out}: another synthesis is writing into this folder; wait for it to "
                 "finish, or synthesize into another folder"
             ) from None
-        for sub in ("img", "mask"):
-            for leftover in (out / sub).glob(".*.tmp"):
+        for folder in (out, out / "img", out / "mask"):
+            for leftover in folder.glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
         yield
 

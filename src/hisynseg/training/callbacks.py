@@ -112,6 +112,7 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_k_models = {str(here): score}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self._forget_best and hasattr(pl_module, "best_miou"):
             pl_module.best_miou = None
             pl_module.best_scores = None
