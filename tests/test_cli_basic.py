@@ -163,6 +163,12 @@ def test_toy_data_overwrite_never_deletes_other_folders(
     assert main(_toy_args(toy, "--overwrite")) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert (toy / "notes.txt").read_text() == "mine" and (toy / "train").is_dir()
+    # ... or inside one of its folders.
+    (toy / "notes.txt").unlink()
+    (toy / "train" / "my_notes.txt").write_text("mine too")
+    assert main(_toy_args(toy, "--overwrite")) == 2
+    assert "train/my_notes.txt" in capsys.readouterr().err
+    assert (toy / "train" / "my_notes.txt").read_text() == "mine too"
 
 
 @pytest.mark.parametrize(

@@ -200,6 +200,10 @@ def _choose_classes(rng: np.random.Generator, num_classes: int, max_classes: int
     return np.sort(rng.choice(num_classes, size=k, replace=False))
 
 
+# What toy-data writes: images and masks, label CSVs, classes.yaml, its marker.
+_TOY_FILE_SUFFIXES = frozenset({".png", ".csv", ".yaml", ".json"})
+
+
 def _is_toy_root(root: Path) -> bool:
     try:
         marker = json.loads((root / TOY_MARKER).read_text())
@@ -239,6 +243,16 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
             "leaves it alone; choose another folder, or delete this one yourself"
         )
     foreign = [e for e in entries if e not in _TOY_ENTRIES and not _is_leftover_temp(e)]
+    # Inside toy-data's own folders too: only the kinds of file it writes may go.
+    foreign += [
+        str(f.relative_to(root))
+        for e in entries
+        if e in _TOY_ENTRIES and (root / e).is_dir()
+        for f in sorted((root / e).rglob("*"))
+        if not f.is_dir()
+        and f.suffix.lower() not in _TOY_FILE_SUFFIXES
+        and not _is_leftover_temp(f.name)
+    ]
     if foreign:
         raise ToyDataError(
             f"{root}: holds {', '.join(foreign[:5])} besides the toy dataset; --overwrite "
