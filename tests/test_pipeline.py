@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,8 +119,12 @@ def test_rerun_skips_completed_stages(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{STAGE_MARKER}")} == markers
     # A different recipe in the same folder is refused rather than mixed in.
     other = apply_pipeline_overrides(cfg, ["synthesis.num=13"])
-    with pytest.raises(PipelineError, match="another recipe"):
+    with pytest.raises(PipelineError, match=r"another recipe \(synthesis\.num \d+ → 13\)"):
         run_pipeline(other, root, out)
+    # So is another dataset folder: its completed stages would report the first one's scores.
+    shutil.copytree(root, tmp_path / "copy")
+    with pytest.raises(PipelineError, match=r"made from the data in .*; use a new --out"):
+        run_pipeline(cfg, tmp_path / "copy", out)
 
 
 def test_training_interrupted_mid_stage_resumes_from_its_checkpoint(

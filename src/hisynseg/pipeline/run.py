@@ -22,6 +22,7 @@ stage; until the last stage is done they say the run is incomplete and which sta
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -345,6 +346,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, out: str | Path) -> dict
     out = Path(out)
     spec = resolve_dataset_spec(cfg.dataset, root)
     _check_recipe(cfg, out)
+    _check_data_root(root, out)
     stages = build_stages(cfg, spec, root)
     planned = [stage_folder(out, i, s.name).name for i, s in enumerate(stages, start=1)]
     records: list[StageRecord] = []
@@ -358,6 +360,40 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, out: str | Path) -> dict
     return write_report(out, cfg, spec, records, planned=planned)
 
 
+DATA_RECORD = "data.json"
+
+
+def _check_data_root(root: Path, out: Path) -> None:
+    """Refuse to resume a run directory made from another dataset folder; record this one.
+
+    Completed stages are skipped on a re-run, so results of one dataset would otherwise be
+    reported as those of another.
+    """
+    path = out / DATA_RECORD
+    current = str(root.resolve())
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text()).get("root")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous is not None and previous != current:
+            raise PipelineError(
+                f"{out}: this run directory was made from the data in {previous}, not "
+                f"{current}; use a new --out, or the same --data to resume"
+            )
+    atomic_write_json(path, {"root": current})
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key old → new`` for every leaf that differs between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} → {new!r}"]
+
+
 def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
     """Refuse to resume a run directory made with another recipe; save this one."""
     from hisynseg.pipeline.config import load_pipeline_config, pipeline_config_to_dict
@@ -367,10 +403,13 @@ def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
         previous = pipeline_config_to_dict(load_pipeline_config(path))
         current = pipeline_config_to_dict(cfg)
         if previous != current:
-            changed = sorted(k for k in current if current[k] != previous.get(k))
+            changed = _differences(previous, current)
+            shown = "; ".join(changed[:6]) + (
+                f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+            )
             raise PipelineError(
-                f"{out}: this run directory was made with another recipe (sections {changed} "
-                "differ); use a new --out, or the same recipe and overrides to resume"
+                f"{out}: this run directory was made with another recipe ({shown}); use a "
+                "new --out, or the same recipe and overrides to resume"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
