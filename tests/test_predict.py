@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -24,6 +25,7 @@ from hisynseg.inference.outputs import (
     write_geojson,
     write_mask_tiff,
 )
+from hisynseg.inference.pseudo_labels import checkpoint_record
 from hisynseg.inference.wsi import MissingMPPError, plan_tiles, predict_slide, read_tile
 from hisynseg.models import build_segmenter
 from hisynseg.models.checkpoint import export_segmenter
@@ -318,17 +320,30 @@ def test_cli_predicts_skips_corrupt_inputs_and_resumes(tmp_path: Path) -> None:
     assert main([*args[:2], str(inputs / "pic.png"), *args[3:], "--blend", "constant"]) == 1
     record = json.loads((out / "predict.json").read_text())
     assert "made from other options" in record["inputs"][0]["error"]
-    other = tmp_path / "other"
-    other.mkdir()
-    assert main([*args[:1], str(_checkpoint(other)), str(inputs / "pic.png"), *args[3:]]) == 1
+    # The same model run another way (TTA) is named as such.
+    assert main([*args[:2], str(inputs / "pic.png"), *args[3:], "--tta", "d4"]) == 1
+    record = json.loads((out / "predict.json").read_text())
+    assert "made from the same model run another way (tta" in record["inputs"][0]["error"]
+    # A copy of the checkpoint elsewhere, with a new time, is the same model: skipped.
+    copy = tmp_path / "copy" / "model.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(ckpt, copy)
+    assert main([*args[:1], str(copy), str(inputs / "pic.png"), *args[3:]]) == 0
+    record = json.loads((out / "predict.json").read_text())
+    assert record["inputs"][0]["status"] == "skipped"
+    # Another model's outputs are not this one's.
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    export_segmenter(build_segmenter("resnet18", num_classes=4), SPEC, other)
+    assert main([*args[:1], str(other), str(inputs / "pic.png"), *args[3:]]) == 1
     record = json.loads((out / "predict.json").read_text())
     assert "made from another model" in record["inputs"][0]["error"]
     assert (out / "slide.mask.tif").stat().st_mtime_ns == mtime
     # --overwrite replaces them, and the index then names the new model.
-    again = [*args[:1], str(other / "model.pt"), str(inputs / "pic.png"), *args[3:]]
-    assert main([*again, "--overwrite"]) == 0
+    assert main([*args[:1], str(other), str(inputs / "pic.png"), *args[3:], "--overwrite"]) == 0
     record = json.loads((out / "predict.json").read_text())
-    assert str(other / "model.pt") in record["outputs"]["pic"]["model"]
+    sha = checkpoint_record(other)["sha256"]
+    assert json.loads(record["outputs"]["pic"]["model"])["model_sha256"] == sha
     assert set(record["outputs"]) == {"slide", "pic"}
 
 

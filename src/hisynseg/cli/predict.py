@@ -219,12 +219,15 @@ def run(args: argparse.Namespace) -> int:
                 f"-> {result.outputs['mask']}"
             )
 
-    # A slide's saved progress is resumed only by the same model file run the same way
+    # Outputs are skipped as done, and a slide's saved progress is resumed, only for the
+    # same model (its bytes: a copied or moved file is the same model) run the same way
     # (on any device: the masks differ by float rounding at most).
-    stat = Path(args.checkpoint).stat()
+    from hisynseg.inference.pseudo_labels import checkpoint_record
+
     how = {k: v for k, v in backend.describe().items() if k != "device"}
     model_key = json.dumps(
-        [str(Path(args.checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, how]
+        {"model_sha256": checkpoint_record(args.checkpoint)["sha256"], "run": how},
+        sort_keys=True,
     )
 
     results = predict_inputs(

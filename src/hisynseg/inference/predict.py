@@ -560,9 +560,11 @@ def predict_inputs(
         earlier = record.made_by.get(name)
         if not options.overwrite and all(p.is_file() for p in expected.values()):
             if earlier is not None and earlier != maker:
-                words = {"input": "another input", "model": "another model"}
+                words = {"input": "another input", "settings": "other options"}
                 differ = [
-                    words.get(k, "other options") for k in maker if earlier.get(k) != maker[k]
+                    words[k] if k in words else _model_difference(earlier.get(k), maker[k])
+                    for k in maker
+                    if earlier.get(k) != maker[k]
                 ]
                 result = InputResult(
                     str(path),
@@ -673,6 +675,21 @@ def _report_scratch(
             stale.size / 2**20,
             stale.pid,
         )
+
+
+def _model_difference(old: Any, new: Any) -> str:
+    """Say whether another model made outputs, or the same one run another way (TTA...)."""
+    try:
+        then, now = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        return "another model"
+    same = isinstance(then, dict) and isinstance(now, dict)
+    if not same or then.get("model_sha256") != now.get("model_sha256"):
+        return "another model"
+    run_then, run_now = then.get("run") or {}, now.get("run") or {}
+    keys = sorted(k for k in set(run_then) | set(run_now) if run_then.get(k) != run_now.get(k))
+    changes = ", ".join(f"{k} {run_then.get(k)!r} then, {run_now.get(k)!r} now" for k in keys)
+    return f"the same model run another way ({changes})"
 
 
 def _read_made_by(path: Path) -> dict[str, dict[str, Any]]:
