@@ -574,6 +574,9 @@ def test_changed_settings_ignores_run_control_keys_and_path_spelling() -> None:
     # A checkpoint from a version without some setting: only the common keys count.
     del stored["trainer"]["split_forward"]
     assert changed_settings(stored, config_to_dict(same)) == {}
+    # The same folder, relative or absolute, is one folder.
+    absolute = apply_overrides(same, [f"data.root={Path('toy').resolve()}"])
+    assert changed_settings(stored, config_to_dict(absolute)) == {}
 
 
 def test_ctrl_c_during_a_fit_exits_130_as_interrupted(

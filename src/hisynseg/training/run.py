@@ -200,7 +200,8 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset(
     }
 )
 
-# Path-valued settings, compared after normalisation ("toy/" and "toy" are one folder).
+# Path-valued settings, compared as absolute paths ("toy/", "./toy" and "/abs/toy" are one
+# folder).
 _PATH_KEYS = frozenset({"data.root", "data.synthetic", "data.pseudo_masks"})
 
 
@@ -219,9 +220,10 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _comparable(key: str, value: Any) -> Any:
     if key not in _PATH_KEYS or value is None:
         return value
+    # Runs record absolute paths; a relative one (an older run's) is read from here.
     if isinstance(value, (list, tuple)):
-        return [os.path.normpath(str(v)) for v in value]
-    return os.path.normpath(str(value))
+        return [os.path.abspath(str(v)) for v in value]
+    return os.path.abspath(str(value))
 
 
 def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -245,7 +247,7 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[st
       against the data separately).
 
     Everything else must match: the data and its paths (``data.root``, ``data.synthetic``,
-    ``data.pseudo_masks``, compared after path normalisation), patch size, augmentation,
+    ``data.pseudo_masks``, compared as absolute paths), patch size, augmentation,
     batch sizes, ``stage``, the network and its initial weights, loss weights, optimizer,
     seed, ``limit_train_batches``, the resolved precision, ``split_forward``,
     ``sync_batchnorm``, and the ``eval`` settings that score the validation choosing
@@ -494,11 +496,20 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _resolved(cfg: Config) -> Config:
-    """A copy with ``precision: auto`` replaced by what this machine will use."""
+    """A copy with ``precision: auto`` replaced by what this machine will use, and the data
+    paths made absolute."""
     from hisynseg.config import config_from_dict
 
     resolved = config_from_dict(config_to_dict(cfg))
     resolved.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    # Absolute data paths: the run's record (config.yaml, the checkpoints) then means the
+    # same folders whatever directory a resume is started from.
+    d = resolved.data
+    if d.root is not None:
+        d.root = os.path.abspath(d.root)
+    d.synthetic = [os.path.abspath(s) for s in d.synthetic]
+    if d.pseudo_masks is not None:
+        d.pseudo_masks = os.path.abspath(d.pseudo_masks)
     return resolved
 
 
