@@ -270,6 +270,11 @@ def test_shipped_recipes_are_found_by_name_from_any_folder(
     (tmp_path / "toy.yaml").write_text("dataset: bcss-wsss\n")
     assert recipe_path("toy.yaml") == Path("toy.yaml")  # an existing file comes first
     assert recipe_path("missing.yaml") == Path("missing.yaml")
+    from hisynseg.config import ConfigError
+    from hisynseg.recipes import find_recipe
+
+    with pytest.raises(ConfigError, match=r"missing\.yaml: no such .*shipped: luad-histoseg"):
+        find_recipe("missing.yaml")
     (tmp_path / "luad-histoseg").mkdir()  # a dataset folder named like a recipe
     assert (
         recipe_path("luad-histoseg") == recipe_path("luad-histoseg.yaml") != Path("luad-histoseg")

@@ -41,10 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hisynseg.pipeline.config import ABLATIONS, load_pipeline_config
     from hisynseg.pipeline.run import run_pipeline
-    from hisynseg.recipes import recipe_path
+    from hisynseg.recipes import find_recipe
 
     overrides = [o for name in args.ablation for o in ABLATIONS[name]] + list(args.overrides)
-    cfg = load_pipeline_config(recipe_path(args.config), overrides)
+    cfg = load_pipeline_config(find_recipe(args.config), overrides)
     summary = run_pipeline(cfg, args.data, args.out)
     for stage, m in summary["metrics"].items():
         print(f"{stage}: mIoU {m['miou']:.4f}  FwIoU {m['fwiou']:.4f} ({m['split']})")

@@ -98,9 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> Config:
     """The configuration the command line describes (file, then flags, then overrides)."""
     from hisynseg.config import Config, apply_overrides, load_config
-    from hisynseg.recipes import recipe_path
+    from hisynseg.recipes import find_recipe
 
-    cfg = load_config(recipe_path(args.config)) if args.config else Config()
+    cfg = load_config(find_recipe(args.config)) if args.config else Config()
     d, t = cfg.data, cfg.trainer
     if args.data is not None:
         d.root = args.data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["RECIPE_NAMES", "recipe_path"]
+__all__ = ["RECIPE_NAMES", "find_recipe", "recipe_path"]
 
 _HERE = Path(__file__).resolve().parent
 _DEMO = _HERE.parent / "demo" / "recipe.yaml"
@@ -45,3 +45,20 @@ def recipe_path(value: str | os.PathLike[str]) -> Path:
         return path
     name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
     return _RECIPES.get(name, path)
+
+
+def find_recipe(value: str | os.PathLike[str]) -> Path:
+    """:func:`recipe_path`, or an error saying the value is neither a file nor a recipe.
+
+    Raises:
+        ConfigError: No such file, and no shipped recipe of that name.
+    """
+    from hisynseg.config import ConfigError
+
+    path = recipe_path(value)
+    if not path.is_file():
+        raise ConfigError(
+            f"{value}: no such configuration file, and no shipped recipe of that name "
+            f"(shipped: {', '.join(RECIPE_NAMES)})"
+        )
+    return path
