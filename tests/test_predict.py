@@ -319,7 +319,10 @@ def test_cli_predicts_skips_corrupt_inputs_and_resumes(tmp_path: Path) -> None:
     # Outputs made otherwise are not skipped as done: another blending, another model.
     assert main([*args[:2], str(inputs / "pic.png"), *args[3:], "--blend", "constant"]) == 1
     record = json.loads((out / "predict.json").read_text())
-    assert "made from other options" in record["inputs"][0]["error"]
+    assert (
+        "made from other options (blend 'gaussian' then, 'constant' now)"
+        in record["inputs"][0]["error"]
+    )
     # The same model run another way (TTA) is named as such.
     assert main([*args[:2], str(inputs / "pic.png"), *args[3:], "--tta", "d4"]) == 1
     record = json.loads((out / "predict.json").read_text())

@@ -560,12 +560,21 @@ def predict_inputs(
         earlier = record.made_by.get(name)
         if not options.overwrite and all(p.is_file() for p in expected.values()):
             if earlier is not None and earlier != maker:
-                words = {"input": "another input", "settings": "other options"}
-                differ = [
-                    words[k] if k in words else _model_difference(earlier.get(k), maker[k])
-                    for k in maker
-                    if earlier.get(k) != maker[k]
-                ]
+                differ = []
+                if earlier.get("input") != maker["input"]:
+                    differ.append(f"another input ({earlier.get('input')})")
+                if earlier.get("model") != maker["model"]:
+                    differ.append(_model_difference(earlier.get("model"), maker["model"]))
+                then = earlier.get("settings") or {}
+                changed = [k for k in settings if then.get(k) != settings[k]]
+                if changed:
+                    differ.append(
+                        "other options ("
+                        + ", ".join(
+                            f"{k} {then.get(k)!r} then, {settings[k]!r} now" for k in changed
+                        )
+                        + ")"
+                    )
                 result = InputResult(
                     str(path),
                     name,
