@@ -412,7 +412,7 @@ def test_cli_end_to_end(toy_dataset, tiny_checkpoint, capsys: pytest.CaptureFixt
     (out / "masks" / "mine.txt").write_text("keep")
     assert main([*argv, "--split", "test", "--no-progress", "--device", "cpu"]) == 0
     assert [p.name for p in (out / "masks").iterdir()] == ["mine.txt"]
-    assert not list((out / "overlays").iterdir())
+    assert not (out / "overlays").exists()
 
 
 def test_cli_finds_a_generic_checkpoints_dataset_without_dataset(

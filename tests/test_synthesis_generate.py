@@ -571,6 +571,9 @@ def test_cli(toys: dict[str, ToyDataset], tmp_path: Path, capsys: pytest.Capture
     assert params["rad"] == 0.3 and params["pairs"] == [[0, 1], [1, 0]]
     assert main(argv) == 0
     assert "0 written, 4 skipped" in capsys.readouterr().out
+    fewer = [*argv[: argv.index("--num") + 1], "2", *argv[argv.index("--num") + 2 :]]
+    assert main(fewer) == 0
+    assert f"{out} holds 4 images (more than --num 2" in capsys.readouterr().out
 
     assert main([*argv, "--seed", "9"]) == 2
     assert "different settings" in capsys.readouterr().err

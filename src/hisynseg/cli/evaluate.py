@@ -178,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         stem = pair.image.stem
         for old in (f"masks/{stem}.png", f"overlays/{stem}.png", f"overlays/{stem}_panel.png"):
             (out / old).unlink(missing_ok=True)
+    for folder in (out / "masks", out / "overlays"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     atomic_write_json(out / "evaluation.json", header)
     result = evaluate(
         model,

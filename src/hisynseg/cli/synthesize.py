@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from hisynseg.datasets.spec import DATASET_NAMES
@@ -187,6 +188,16 @@ def _params(args: argparse.Namespace, spec: Any) -> Any:
         raise SynthesisError(str(exc)) from None
 
 
+def _held(out: Path) -> int | None:
+    """The number of images ``synthesis.json`` says the folder holds."""
+    import json
+
+    try:
+        return int(json.loads((out / "synthesis.json").read_text())["num"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from hisynseg.datasets.spec import resolve_dataset_spec
     from hisynseg.synthesis.generate import synthesize
@@ -220,6 +231,12 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.skipped} skipped (already present), {len(summary.failed)} failed, "
         f"{summary.seconds:.1f} s ({rate:.1f} images/s)"
     )
+    held = _held(summary.out)
+    if held is not None and held > summary.requested:
+        print(
+            f"  {summary.out} holds {held} images (more than --num {summary.requested}, from an "
+            "earlier run); training and train-filter use them all"
+        )
     for draw, message in summary.failed[:10]:
         print(f"  failed: image {draw}: {message}")
     if len(summary.failed) > 10:
