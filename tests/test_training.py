@@ -721,3 +721,14 @@ def test_lightning_product_tips_are_dropped(caplog: pytest.LogCaptureFixture) ->
         rank_zero.info("💡 Tip: try installing something")
         rank_zero.info("GPU available: False, used: False")
     assert "Tip" not in caplog.text and "GPU available" in caplog.text
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(
+    trained: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "done.ckpt"
+    shutil.copy(trained["out"] / "checkpoints" / "last.ckpt", copy)
+    cfg = load_config(trained["out"] / "config.yaml")
+    with caplog.at_level("WARNING"):
+        train(apply_overrides(cfg, [f"trainer.resume={copy}", f"out={tmp_path / 'again'}"]))
+    assert "already trained 2 epoch(s) and trainer.epochs is 2" in caplog.text

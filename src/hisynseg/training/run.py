@@ -314,6 +314,16 @@ def _check_resume(
         raise CheckpointError(
             f"{path}: checkpoint holds a different network {theirs}; this run builds {ours}"
         )
+    done = meta.get("epoch")
+    wanted = (config.get("trainer") or {}).get("epochs")
+    if isinstance(done, int) and isinstance(wanted, int) and done + 1 >= wanted:
+        log.warning(
+            "%s: already trained %d epoch(s) and trainer.epochs is %d, so there is nothing "
+            "to train; raise --epochs to continue",
+            path,
+            done + 1,
+            wanted,
+        )
     stored_config = meta.get("config")
     if not isinstance(stored_config, dict):
         return  # a checkpoint without its settings: nothing to compare
