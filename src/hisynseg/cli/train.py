@@ -33,7 +33,7 @@ or under SLURM/torchrun) train with DDP; batch sizes are per GPU.
 examples:
   hisynseg train --data data/LUAD-HistoSeg --dataset luad-histoseg \\
       --synthetic syn/mosaic syn/bezier --out runs/luad-s1
-  hisynseg train --config configs/default.yaml --data toy --synthetic toy-syn \\
+  hisynseg train --config default --data toy --synthetic toy-syn \\
       --epochs 2 trainer.limit_train_batches=5
 """
 
