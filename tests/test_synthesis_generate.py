@@ -708,13 +708,13 @@ def test_max_draws_stop_advises_what_works(toys: dict[str, ToyDataset], tmp_path
     def share_of_class_0(images: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return (masks == 0).mean(axis=(1, 2))
 
-    def run(max_draws: int, threshold: float = 2.0):
+    def run(max_draws: int, threshold: float = -1.0, folder: Path = out):
         return synthesize(
             None,
             toy.spec,
             "mosaic",
             3,
-            out,
+            folder,
             params=small("mosaic", toy),
             pool=pool,
             keep=share_of_class_0,
@@ -724,14 +724,18 @@ def test_max_draws_stop_advises_what_works(toys: dict[str, ToyDataset], tmp_path
             progress=False,
         )
 
-    stopped = run(6).stopped or ""
-    assert "stopped after 6 draws" in stopped
+    stopped = run(2).stopped or ""  # every draw is kept (share > -1), but only 2 are made
+    assert "stopped after 2 draws" in stopped and "with 2 of 3 images kept" in stopped
     assert "re-run the same command with a higher --max-draws" in stopped
     assert "--keep-threshold" in stopped and "new --out folder" in stopped
     assert "lower the threshold and re-run" not in stopped
-    assert run(10).draws == 10  # the same command with more draws goes on where it stopped
+    assert run(10).draws == 3  # the same command with more draws goes on where it stopped
     with pytest.raises(SynthesisError, match="different settings.*threshold"):
         run(10, threshold=0.1)
+    # A filter that keeps nothing: more draws would be wasted, and the advice says so.
+    stopped = run(6, threshold=2.0, folder=tmp_path / "none").stopped or ""
+    assert "with 0 of 3 images kept" in stopped and "more draws will hardly help" in stopped
+    assert "higher --max-draws" not in stopped
 
 
 def test_settings_record_what_the_folder_holds(toys: dict[str, ToyDataset], tmp_path: Path) -> None:

@@ -926,11 +926,21 @@ def _run_filtered(
     summary.draws, summary.kept = draws_done, kept
     if kept < target and summary.stopped is None:
         rate = kept / draws_done if draws_done else 0.0
+        advice = (
+            "To continue, re-run the same command with a higher --max-draws; a lower "
+            "--keep-threshold makes another set, so it needs a new --out folder"
+        )
+        if kept == 0:
+            # More draws of a filter that keeps none are wasted: the threshold or the
+            # filter itself is what to look at.
+            advice = (
+                "No draw passed the filter, so more draws will hardly help: check the "
+                "filter's validation figures, or use a lower --keep-threshold (a new set, "
+                "so in a new --out folder)"
+            )
         summary.stopped = (
             f"stopped after {draws_done} draws (max_draws) with {kept} of {target} images "
-            f"kept (acceptance {rate:.1%}); the kept images are written. To continue, re-run "
-            "the same command with a higher --max-draws; a lower --keep-threshold makes "
-            "another set, so it needs a new --out folder"
+            f"kept (acceptance {rate:.1%}); the kept images are written. {advice}"
         )
     summary.failed.sort()
     return records
