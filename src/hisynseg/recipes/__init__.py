@@ -56,7 +56,8 @@ def find_recipe(value: str | os.PathLike[str]) -> Path:
     from hisynseg.config import ConfigError
 
     path = recipe_path(value)
-    if not path.is_file():
+    # Something that exists (a folder, say) is left to the reader, which says what it is.
+    if not path.exists():
         raise ConfigError(
             f"{value}: no such configuration file, and no shipped recipe of that name "
             f"(shipped: {', '.join(RECIPE_NAMES)})"
