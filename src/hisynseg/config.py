@@ -46,11 +46,23 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "read_yaml_mapping",
+    "leaf_differences",
     "save_config",
     "dump_config",
     "apply_overrides",
     "validate_config",
 ]
+
+
+def leaf_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs between two nested mappings
+    (a key one side lacks counts as ``None`` there); for messages refusing a changed run."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += leaf_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 class ConfigError(HisynsegError, ValueError):

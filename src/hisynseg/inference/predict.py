@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from hisynseg.config import leaf_differences
 from hisynseg.datasets.io import atomic_write_json, write_mask_png, write_rgb_png
 from hisynseg.errors import HisynsegError
 from hisynseg.evaluation.visualize import overlay_mask
@@ -565,16 +566,8 @@ def predict_inputs(
                     differ.append(f"another input ({earlier.get('input')})")
                 if earlier.get("model") != maker["model"]:
                     differ.append(_model_difference(earlier.get("model"), maker["model"]))
-                then = earlier.get("settings") or {}
-                changed = [k for k in settings if then.get(k) != settings[k]]
-                if changed:
-                    differ.append(
-                        "other options ("
-                        + ", ".join(
-                            f"{k} {then.get(k)!r} then, {settings[k]!r} now" for k in changed
-                        )
-                        + ")"
-                    )
+                if earlier.get("settings") != settings:
+                    differ.append(f"other options ({_then_now(earlier.get('settings'), settings)})")
                 result = InputResult(
                     str(path),
                     name,
@@ -695,10 +688,15 @@ def _model_difference(old: Any, new: Any) -> str:
     same = isinstance(then, dict) and isinstance(now, dict)
     if not same or then.get("model_sha256") != now.get("model_sha256"):
         return "another model"
-    run_then, run_now = then.get("run") or {}, now.get("run") or {}
-    keys = sorted(k for k in set(run_then) | set(run_now) if run_then.get(k) != run_now.get(k))
-    changes = ", ".join(f"{k} {run_then.get(k)!r} then, {run_now.get(k)!r} now" for k in keys)
-    return f"the same model run another way ({changes})"
+    return f"the same model run another way ({_then_now(then.get('run'), now.get('run'))})"
+
+
+def _then_now(old: Any, new: Any) -> str:
+    """``key old then, new now`` for each setting that differs."""
+    return ", ".join(
+        f"{key} {then!r} then, {now!r} now"
+        for key, then, now in leaf_differences(old or {}, new or {})
+    )
 
 
 def _read_made_by(path: Path) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hisynseg.config import config_from_dict, config_to_dict
+from hisynseg.config import config_from_dict, config_to_dict, leaf_differences
 from hisynseg.datasets.io import atomic_write_json
 from hisynseg.datasets.spec import DatasetSpec, resolve_dataset_spec
 from hisynseg.devices import resolve_device
@@ -384,16 +384,6 @@ def _check_data_root(root: Path, out: Path) -> None:
     atomic_write_json(path, {"root": current})
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key old → new`` for every leaf that differs between two nested mappings."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} → {new!r}"]
-
-
 def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
     """Refuse to resume a run directory made with another recipe; save this one."""
     from hisynseg.pipeline.config import load_pipeline_config, pipeline_config_to_dict
@@ -403,7 +393,10 @@ def _check_recipe(cfg: PipelineConfig, out: Path) -> None:
         previous = pipeline_config_to_dict(load_pipeline_config(path))
         current = pipeline_config_to_dict(cfg)
         if previous != current:
-            changed = _differences(previous, current)
+            changed = [
+                f"{key} {then!r} → {now!r}"
+                for key, then, now in leaf_differences(previous, current)
+            ]
             shown = "; ".join(changed[:6]) + (
                 f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
             )

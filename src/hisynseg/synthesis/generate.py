@@ -60,6 +60,7 @@ import cv2
 import numpy as np
 
 from hisynseg import __version__
+from hisynseg.config import leaf_differences
 from hisynseg.datasets.io import (
     atomic_path,
     atomic_write_bytes,
@@ -483,15 +484,6 @@ def _describe_keep(keep: KeepFunction) -> str:
     return getattr(keep, "__qualname__", type(keep).__qualname__)
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def _holds_nothing(out: Path) -> bool:
     """Whether ``out`` is empty but for empty ``img/`` and ``mask/`` folders, the lock and
     temporary files (what a run that stopped before writing its settings, e.g. on an
@@ -582,7 +574,11 @@ def _check_folder(out: Path, settings: dict[str, Any], keys: Iterable[str]) -> d
         old_settings = old["settings"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SynthesisError(f"{path}: unreadable synthesis settings ({exc})") from None
-    diffs = [d for k in keys for d in _diff(old_settings.get(k), settings.get(k), f"{k}.")]
+    diffs = [
+        f"{key}: {then!r} -> {now!r}"
+        for k in keys
+        for key, then, now in leaf_differences(old_settings.get(k), settings.get(k), f"{k}.")
+    ]
     if diffs:
         raise SynthesisError(
             f"{out}: holds a synthesis made with different settings ("
