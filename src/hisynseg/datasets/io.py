@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "write_rgb_png",
     "write_mask_png",
     "palette_to_flat",
+    "sha256_of",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -301,3 +303,15 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
         for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+
+
+def sha256_of(data: bytes | Path) -> str:
+    """SHA-256 hex digest of some bytes or of a file's content (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        digest.update(data)
+    return digest.hexdigest()

@@ -14,7 +14,6 @@ by hand or with :func:`add_source_file`; it is used once its SHA-256 matches.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hisynseg.datasets.io import atomic_write_bytes, read_rgb
+from hisynseg.datasets.io import atomic_write_bytes, read_rgb, sha256_of
 from hisynseg.errors import HisynsegError
 
 __all__ = [
@@ -253,18 +252,6 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base_dir = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
     return base_dir / "hisynseg" / "demo"
-
-
-def sha256_of(data: bytes | Path) -> str:
-    """SHA-256 hex digest of some bytes or of a file's content."""
-    digest = hashlib.sha256()
-    if isinstance(data, Path):
-        with open(data, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        digest.update(data)
-    return digest.hexdigest()
 
 
 def _manual_hint(source: SampleSource, cache: Path) -> str:

@@ -16,7 +16,6 @@ refused unless told to overwrite, so that masks of two models are never mixed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from hisynseg.datasets.io import (
     atomic_write_json,
     encode_mask_png,
     read_rgb,
+    sha256_of,
 )
 from hisynseg.datasets.labels import write_label_csv
 from hisynseg.datasets.layouts import SYNTHETIC_LABELS_FILE, LabelledImage, list_train
@@ -54,9 +54,6 @@ RECORD_FILE = "pseudo_labels.json"
 
 # What ``tta`` may be; ``None`` is the same as ``"none"``.
 TTA_CHOICES = ("none", "d4")
-
-# Read the checkpoint in blocks this size when hashing it.
-_HASH_BLOCK = 1 << 20
 
 
 class PseudoLabelError(HisynsegError, ValueError):
@@ -117,19 +114,16 @@ def checkpoint_record(path: str | Path) -> dict[str, Any]:
         PseudoLabelError: The file cannot be read.
     """
     path = Path(path)
-    digest = hashlib.sha256()
     try:
         stat = path.stat()
-        with open(path, "rb") as fh:
-            while block := fh.read(_HASH_BLOCK):
-                digest.update(block)
+        digest = sha256_of(path)
     except OSError as exc:
         raise PseudoLabelError(f"{path}: cannot read the checkpoint: {exc.strerror}") from None
     return {
         "path": str(path.resolve()),
         "size": stat.st_size,
         "mtime": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds"),
-        "sha256": digest.hexdigest(),
+        "sha256": digest,
     }
 
 
