@@ -106,18 +106,17 @@ def _patch_size(meta: dict[str, Any]) -> int | None:
     return int(size) if size else None
 
 
-def _trained_on(checkpoint: Path, root: Path) -> str:
+def _trained_on(meta: dict[str, Any], checkpoint: Path, root: Path) -> str:
     """The dataset to evaluate on when ``--dataset`` is left out: the checkpoint's.
 
     A benchmark is recorded by name; a generic dataset by the name in its classes.yaml,
     so for one of those the data root's own classes.yaml is read (and its classes are
-    checked against the checkpoint's when the model is loaded).
+    checked against the checkpoint's).
     """
     from hisynseg.cli import CommandError
     from hisynseg.datasets.spec import GENERIC_CLASSES_FILE
-    from hisynseg.models.checkpoint import checkpoint_meta
 
-    name = (checkpoint_meta(checkpoint).get("dataset") or {}).get("name")
+    name = (meta.get("dataset") or {}).get("name")
     if name in DATASET_NAMES:
         return str(name)
     if name and (root / GENERIC_CLASSES_FILE).is_file():
@@ -135,10 +134,12 @@ def run(args: argparse.Namespace) -> int:
     from hisynseg.datasets.spec import resolve_dataset_spec
     from hisynseg.evaluation.evaluate import evaluate, resolve_settings
     from hisynseg.evaluation.metrics import compute_scores, format_table
-    from hisynseg.models.checkpoint import load_segmenter
+    from hisynseg.models.checkpoint import check_checkpoint_classes, load_segmenter
 
     checkpoint = Path(args.checkpoint)
-    dataset = args.dataset or _trained_on(checkpoint, Path(args.root))
+    # Without --dataset the checkpoint says which one: it is read once, now.
+    loaded = None if args.dataset else load_segmenter(checkpoint)
+    dataset = args.dataset or _trained_on(loaded[1], checkpoint, Path(args.root))
     try:
         spec = resolve_dataset_spec(dataset, args.root)
     except (KeyError, ValueError) as exc:
@@ -157,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     }
     # Settings are checked before the (possibly large) checkpoint is read.
     resolve_settings(spec, args.split, **options)
-    model, meta = load_segmenter(checkpoint, expected_spec=spec)
+    if loaded is None:
+        loaded = load_segmenter(checkpoint, expected_spec=spec)
+    else:
+        check_checkpoint_classes(loaded[1], spec, checkpoint)
+    model, meta = loaded
     patch_size = _patch_size(meta)
     settings = resolve_settings(spec, args.split, **options, patch_size=patch_size)
     options["device"] = settings.device
