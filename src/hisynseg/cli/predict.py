@@ -222,12 +222,11 @@ def run(args: argparse.Namespace) -> int:
     # Outputs are skipped as done, and a slide's saved progress is resumed, only for the
     # same model (its bytes: a copied or moved file is the same model) run the same way
     # (on any device: the masks differ by float rounding at most).
-    from hisynseg.inference.pseudo_labels import checkpoint_record
+    from hisynseg.datasets.io import sha256_of
 
     how = {k: v for k, v in backend.describe().items() if k != "device"}
     model_key = json.dumps(
-        {"model_sha256": checkpoint_record(args.checkpoint)["sha256"], "run": how},
-        sort_keys=True,
+        {"model_sha256": sha256_of(Path(args.checkpoint)), "run": how}, sort_keys=True
     )
 
     results = predict_inputs(
