@@ -27,6 +27,7 @@ __all__ = [
     "ImageReadError",
     "MaskColourError",
     "atomic_path",
+    "is_atomic_temp",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -66,6 +67,12 @@ def _new_file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def is_atomic_temp(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporary files (``.NAME.*.tmp``),
+    which only a write cut short by a kill leaves behind."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 @contextlib.contextmanager

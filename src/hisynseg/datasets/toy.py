@@ -21,6 +21,7 @@ from scipy import ndimage
 from hisynseg.datasets.io import (
     atomic_write_json,
     atomic_write_text,
+    is_atomic_temp,
     write_mask_png,
     write_rgb_png,
 )
@@ -212,11 +213,6 @@ def _is_toy_root(root: Path) -> bool:
     return isinstance(marker, dict) and marker.get("kind") == _TOY_KIND
 
 
-def _is_leftover_temp(name: str) -> bool:
-    """A temporary file of an atomic write (``.<name>.XXXX.tmp``) cut short by a kill."""
-    return name.startswith(".") and name.endswith(".tmp")
-
-
 def _prepare_root(root: Path, overwrite: bool) -> None:
     """Make sure ``root`` is new or empty; with ``overwrite``, empty a toy dataset there.
 
@@ -242,7 +238,7 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
             f"{root}: not a toy dataset (no {TOY_MARKER} from toy-data), so --overwrite "
             "leaves it alone; choose another folder, or delete this one yourself"
         )
-    foreign = [e for e in entries if e not in _TOY_ENTRIES and not _is_leftover_temp(e)]
+    foreign = [e for e in entries if e not in _TOY_ENTRIES and not is_atomic_temp(e)]
     # Inside toy-data's own folders too: only the kinds of file it writes may go.
     foreign += [
         str(f.relative_to(root))
@@ -251,7 +247,7 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
         for f in sorted((root / e).rglob("*"))
         if not f.is_dir()
         and f.suffix.lower() not in _TOY_FILE_SUFFIXES
-        and not _is_leftover_temp(f.name)
+        and not is_atomic_temp(f.name)
     ]
     if foreign:
         raise ToyDataError(

@@ -67,6 +67,7 @@ from hisynseg.datasets.io import (
     atomic_write_json,
     encode_mask_png,
     encode_rgb_png,
+    is_atomic_temp,
 )
 from hisynseg.datasets.labels import label_to_str, write_label_csv
 from hisynseg.datasets.layouts import SYNTHETIC_LABELS_FILE
@@ -491,7 +492,7 @@ def _holds_nothing(out: Path) -> bool:
     for entry in out.iterdir():
         if entry.name in ("img", "mask") and entry.is_dir() and not any(entry.iterdir()):
             continue
-        if entry.name == LOCK_FILE or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+        if entry.name == LOCK_FILE or is_atomic_temp(entry.name):
             continue
         return False
     return True
@@ -537,8 +538,9 @@ def _output_lock(out: Path) -> Iterator[None]:
                 "finish, or synthesize into another folder"
             ) from None
         for folder in (out, out / "img", out / "mask"):
-            for leftover in folder.glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
+            for leftover in folder.iterdir():
+                if is_atomic_temp(leftover.name):
+                    leftover.unlink(missing_ok=True)
         yield
 
 
