@@ -351,20 +351,24 @@ def route_lightning_logs_to_root() -> None:
     stream handlers are removed; without one (a library user who configured nothing) they
     stay, so the messages are still seen.
     """
+    # Filters of a logger do not see records of its children: filter where they print.
+    for name in _LIGHTNING_LOGGERS:
+        emitter = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisements) for f in emitter.filters):
+            emitter.addFilter(_DropAdvertisements())
     logger = logging.getLogger("lightning")
-    if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
-        # Filters of a logger do not see records of its children: filter where they print.
-        for name in (
-            "lightning.pytorch.utilities.rank_zero",
-            "lightning.fabric.utilities.rank_zero",
-        ):
-            logging.getLogger(name).addFilter(_DropAdvertisements())
-        logger.addFilter(_DropAdvertisements())
     if not logging.getLogger().handlers:
         return
     for handler in list(logger.handlers):
         if type(handler) is logging.StreamHandler:
             logger.removeHandler(handler)
+
+
+_LIGHTNING_LOGGERS = (
+    "lightning",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
 
 
 class _DropAdvertisements(logging.Filter):
