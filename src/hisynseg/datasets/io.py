@@ -153,12 +153,16 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as an ``H×W×3`` ``uint8`` RGB array.
+    """Read an image as an ``H×W×3`` ``uint8`` RGB array; transparency shows white.
 
     Raises:
         ImageReadError: Missing, unreadable or truncated file.
     """
     img = _open_image(Path(path))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # Transparent parts are glass, as the slide readers have them, not black.
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)

@@ -84,7 +84,8 @@ class TileGeometry(NamedTuple):
 
     Attributes:
         level: Pyramid level the tiles are read from.
-        level_scale: Level pixels per model pixel (1: read as is).
+        level_scale: Level pixels per model pixel (1: read as is; slightly below 1 when
+            the level is a little coarser than the model's resolution).
         tile: Tile side in model pixels.
         output_downsample: Model pixels per output pixel (side).
     """
@@ -114,7 +115,9 @@ def read_tile(reader: SlideReader, plan: Any, top: int, left: int) -> np.ndarray
     ox, oy = round((lx - x0) / r), round((ly - y0) / r)
     w = max(round((x1 - x0) / r), ox + t)
     h = max(round((y1 - y0) / r), oy + t)
-    small = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
+    # r < 1 (a level slightly coarser than the model's resolution) enlarges a little.
+    interp = cv2.INTER_AREA if r > 1 else cv2.INTER_LINEAR
+    small = cv2.resize(region, (w, h), interpolation=interp)
     return np.ascontiguousarray(small[oy : oy + t, ox : ox + t])
 
 

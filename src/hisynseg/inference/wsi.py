@@ -107,7 +107,8 @@ class TilePlan:
     Attributes:
         level: Pyramid level the tiles are read from.
         scale: Level-0 pixels per model pixel (1 at the native resolution).
-        level_scale: Level pixels per model pixel (>= 1; 1 means read as is).
+        level_scale: Level pixels per model pixel (1 means read as is; at least
+            ``1 / (1 + LEVEL_TOLERANCE)``: see :func:`~hisynseg.slides.base.best_level`).
         model_size: ``(width, height)`` of the slide at the model's resolution.
         tile: Tile side in model pixels.
         overlap: Overlap of neighbouring tiles in model pixels.

@@ -19,6 +19,7 @@ import numpy as np
 from hisynseg.errors import HisynsegError
 
 __all__ = [
+    "LEVEL_TOLERANCE",
     "MPP_RANGE",
     "LevelledReader",
     "SlideReadError",
@@ -129,8 +130,9 @@ def plausible_mpp(value: float | None) -> float | None:
 def to_rgb_uint8(array: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     """``h×w×3`` ``uint8`` RGB from grey, grey+alpha, RGB or RGBA data of 8 or 16 bits.
 
-    Alpha is dropped (transparent slide regions are filled with white by the readers that
-    have them). 16-bit samples keep their 8 high bits.
+    Alpha is composited over white, the colour of glass: transparent parts of an image
+    (areas a scanner did not capture, often stored as transparent black) read as
+    background. 16-bit samples keep their 8 high bits.
 
     Raises:
         SlideReadError: Another sample layout or type.
@@ -143,22 +145,35 @@ def to_rgb_uint8(array: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     elif a.dtype != np.uint8:
         raise SlideReadError(f"{path}: unsupported sample type {a.dtype} (expected 8 or 16 bit)")
     channels = a.shape[2]
-    if channels in (1, 2):
-        return np.repeat(a[:, :, :1], 3, axis=2)
-    if channels in (3, 4):
-        return np.ascontiguousarray(a[:, :, :3])
-    raise SlideReadError(f"{path}: unsupported image with {channels} samples per pixel")
+    if channels not in (1, 2, 3, 4):
+        raise SlideReadError(f"{path}: unsupported image with {channels} samples per pixel")
+    rgb = np.repeat(a[:, :, :1], 3, axis=2) if channels < 3 else a[:, :, :3]
+    if channels in (2, 4):
+        alpha = a[:, :, -1:]
+        if alpha.min() < 255:
+            # rgb·α + white·(1 − α), rounded, in integers.
+            mixed = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
+            return ((mixed + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb)
+
+
+# A level this much coarser than asked is still read (and enlarged by at most this
+# much): scanners' reduced levels are seldom an exact multiple of the target, and a
+# 0.252 µm/px slide would otherwise be read at level 0 for 1.0 µm/px, 16× the pixels of
+# its ×4 level at 1.008 µm/px.
+LEVEL_TOLERANCE = 0.03
 
 
 def best_level(reader: SlideReader, downsample: float) -> int:
-    """The coarsest level that still has at least the resolution of ``downsample``.
+    """The coarsest level that still has about the resolution of ``downsample``.
 
     Reading there and shrinking by the remaining factor gives the requested resolution
-    from the fewest pixels without ever enlarging.
+    from the fewest pixels; a level up to :data:`LEVEL_TOLERANCE` coarser counts (it is
+    then enlarged by that little).
     """
     best = 0
     for i, ds in enumerate(reader.level_downsamples):
-        if ds <= downsample * (1 + 1e-3) and ds >= reader.level_downsamples[best]:
+        if ds <= downsample * (1 + LEVEL_TOLERANCE) and ds >= reader.level_downsamples[best]:
             best = i
     return best
 

@@ -31,7 +31,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
     """Open ``path`` with the reader its format needs.
 
     PNG/JPEG/BMP: :class:`PlainImageReader`; TIFF (plain or pyramidal):
-    :class:`TiffSlideReader`; SVS and NDPI: OpenSlide when installed, else tifffile;
+    :class:`TiffSlideReader`; SVS and NDPI: OpenSlide when installed (tifffile for those
+    it refuses), else tifffile;
     MIRAX, Ventana, Hamamatsu VMS/VMU, Leica SCN, Philips: OpenSlide.
 
     Raises:
@@ -50,7 +51,19 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
     if suffix in OPENSLIDE_ONLY or (suffix in OPENSLIDE_PREFERRED and _has_openslide()):
         from hisynseg.slides.openslide_reader import OpenSlideReader
 
-        return OpenSlideReader(path)
+        try:
+            return OpenSlideReader(path)
+        except SlideReadError as refused:
+            if suffix in OPENSLIDE_ONLY:
+                raise
+            # OpenSlide refuses SVS/NDPI files its vendor rules do not cover (a stripped
+            # SVS, say) that are still ordinary TIFFs.
+            from hisynseg.slides.tiff import TiffSlideReader
+
+            try:
+                return TiffSlideReader(path)
+            except SlideReadError:
+                raise refused from None
     if suffix in (".tif", ".tiff", *OPENSLIDE_PREFERRED):
         from hisynseg.slides.tiff import TiffSlideReader
 

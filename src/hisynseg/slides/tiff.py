@@ -5,15 +5,20 @@ slide costs what its pixels cost. Decoded tiles are kept in a small least-recent
 cache (:data:`DEFAULT_CACHE_BYTES`): overlapping prediction tiles that straddle the
 file's tiles would otherwise decode each stored tile up to four times. Reading is safe
 from several threads at once: only the file reads are serialised, decoding runs in
-parallel (tifffile's codecs release the GIL). The pyramid is tifffile's view of the first image
-series (SubIFDs, Aperio/SVS reduced pages, OME-TIFF levels). The resolution comes from,
-in order: an Aperio ``MPP = x`` in the image description, an OME-XML ``PhysicalSizeX``,
-or the XResolution/ResolutionUnit tags (centimetre or inch), each kept only when
-believable (see :data:`hisynseg.slides.base.MPP_RANGE`).
+parallel (tifffile's codecs release the GIL). Uncompressed strips are read as byte ranges
+of the rows needed, however tall the strip. The pyramid is the largest image of the file
+with every reduced copy of it found: tifffile's levels, SubIFDs, pages marked "reduced"
+(see :func:`_pyramid_pages`). The resolution comes from, in order: an Aperio
+``MPP = x`` in the image description, the first image's OME-XML ``PhysicalSizeX``, or
+the XResolution/ResolutionUnit tags (with an ImageJ ``unit=`` for unit-less ones), each
+kept only when believable (see :data:`hisynseg.slides.base.MPP_RANGE`). Min-is-white and
+palette images are shown as displayed, alpha over white; CMYK is refused, as is a file
+cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -41,7 +46,17 @@ __all__ = ["DEFAULT_CACHE_BYTES", "TiffSlideReader", "import_tifffile", "tiff_mp
 DEFAULT_CACHE_BYTES = 128 * 2**20
 
 _SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
-_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_UNIT_TO_UM = {
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "\\u00b5m": 1.0,  # ImageJ escapes the micro sign in its description
+    "nm": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
 
 
 def import_tifffile(path: str | os.PathLike[str] | None = None) -> Any:
@@ -56,8 +71,41 @@ def import_tifffile(path: str | os.PathLike[str] | None = None) -> Any:
     return tifffile
 
 
+def _unit_to_um(unit: str | None) -> float | None:
+    """Microns per ``unit`` (µm when ``None``), or ``None`` for a unit not of length."""
+    if unit is None:
+        return 1.0
+    key = unit.strip().lower().replace("\u03bc", "\u00b5")  # Greek mu -> micro sign
+    return _UNIT_TO_UM.get(key)
+
+
+def _ome_mpp(description: str) -> float | None:
+    """``PhysicalSizeX`` of the first image's ``Pixels`` in OME-XML, in µm, if given."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError:
+        return None
+    # The first Image's Pixels: later images of the file (label, macro) have their own.
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    factor = _unit_to_um(pixels.get("PhysicalSizeXUnit"))
+    try:
+        size = float(pixels.get("PhysicalSizeX", ""))
+    except ValueError:
+        return None
+    return None if factor is None else plausible_mpp(size * factor)
+
+
 def tiff_mpp(description: str | None, tags: Any) -> float | None:
-    """Microns per pixel from a TIFF page's description and resolution tags, if believable."""
+    """Microns per pixel from a TIFF page's description and resolution tags, if believable.
+
+    In order: an Aperio ``MPP = x``; the first image's ``PhysicalSizeX`` in OME-XML; the
+    XResolution tag in pixels per inch, centimetre, millimetre or micron (ResolutionUnit
+    2-5), or, with ResolutionUnit "none", per the ``unit=`` an ImageJ description names.
+    """
     desc = description or ""
     match = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
     if match:
@@ -65,32 +113,156 @@ def tiff_mpp(description: str | None, tags: Any) -> float | None:
             return plausible_mpp(float(match.group(1)))
         except ValueError:
             pass
-    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', desc)
-    if match:
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', desc)
-        factor = _UNIT_TO_UM.get(unit.group(1) if unit else "µm")
-        try:
-            if factor is not None:
-                return plausible_mpp(float(match.group(1)) * factor)
-        except ValueError:
-            pass
+    if desc.lstrip().startswith("<") and "PhysicalSizeX" in desc:
+        ome = _ome_mpp(desc)
+        if ome is not None:
+            return ome
     try:
         xres = tags.get("XResolution")
         unit = tags.get("ResolutionUnit")
-        if xres is None or unit is None:
+        if xres is None:
             return None
         value = xres.value
         per_unit = value[0] / value[1] if isinstance(value, tuple) else float(value)
-        unit = int(unit.value)
+        unit = 2 if unit is None else int(unit.value)  # the TIFF default unit is the inch
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
     if per_unit <= 0:
         return None
-    if unit == 3:  # centimetre
-        return plausible_mpp(1e4 / per_unit)
-    if unit == 2:  # inch
-        return plausible_mpp(25400.0 / per_unit)
-    return None
+    um_per_unit = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}.get(unit)
+    if unit == 1:
+        # ImageJ keeps the calibration unit in its description and the tag unit-less.
+        named = re.search(r"^unit=(.+)$", desc, re.MULTILINE)
+        um_per_unit = _unit_to_um(named.group(1)) if named else None
+    return None if um_per_unit is None else plausible_mpp(um_per_unit / per_unit)
+
+
+# Pages of a multi-page TIFF looked at for reduced levels (a slide has a handful; a
+# long image stack is not a pyramid).
+_MAX_SCANNED_PAGES = 64
+_PHOTOMETRIC_SUPPORTED = {0: "min-is-white", 1: "min-is-black", 2: "RGB", 3: "palette", 6: "YCbCr"}
+
+
+def _area(page: Any) -> int:
+    return int(page.imagewidth) * int(page.imagelength)
+
+
+def _pyramid_pages(tif: Any, path: Path) -> list[Any]:
+    """Level 0 and the reduced copies of it found in ``tif``, largest first.
+
+    Level 0 is the largest image among tifffile's series (an overview stored first must
+    not win). Reduced levels are the levels tifffile groups with it plus any SubIFD of
+    level 0 and any page marked "reduced" with level 0's shape: tifffile groups only
+    levels at one steady step of 2, 3 or 4, and without the others every read at a low
+    resolution would decode level 0.
+    """
+    keyframes = [s.keyframe for s in tif.series if s.keyframe is not None]
+    if not keyframes:
+        raise SlideReadError(f"{path}: the TIFF holds no image")
+    base = max(keyframes, key=_area)  # max keeps the first of equals
+    if base.imagedepth > 1:
+        raise SlideReadError(f"{path}: volumetric (3-D) TIFF tiles are not supported")
+    candidates: list[Any] = []
+    for series in tif.series:
+        if series.keyframe is base:
+            candidates += [level.keyframe for level in series.levels[1:]]
+    for i, offset in enumerate(base.subifds or ()):
+        if offset >= 8:
+            with contextlib.suppress(Exception):  # a damaged SubIFD is no level
+                tif.filehandle.seek(offset)
+                candidates.append(type(base)(tif, (base.index, i)))
+    for index in range(min(len(tif.pages), _MAX_SCANNED_PAGES)):
+        with contextlib.suppress(Exception):
+            page = tif.pages[index]
+            if getattr(page, "is_reduced", False):
+                candidates.append(page)
+    levels = {int(base.imagewidth): base}
+    for page in candidates:
+        if _is_reduced_copy(page, base) and int(page.imagewidth) not in levels:
+            levels[int(page.imagewidth)] = page
+    return [levels[w] for w in sorted(levels, reverse=True)]
+
+
+def _is_reduced_copy(page: Any, base: Any) -> bool:
+    """Whether ``page`` can be a reduced level of ``base``: smaller, the same samples and
+    colour, and the same aspect ratio to within a pixel's rounding."""
+    try:
+        w, h = int(page.imagewidth), int(page.imagelength)
+        w0, h0 = int(base.imagewidth), int(base.imagelength)
+        same_kind = (
+            page.samplesperpixel == base.samplesperpixel
+            and page.dtype == base.dtype
+            and page.photometric == base.photometric
+            and page.imagedepth == 1
+        )
+    except Exception:
+        return False
+    if not same_kind or not 0 < w < w0 or not 0 < h < h0:
+        return False
+    return abs(h - h0 * w / w0) <= 1 + 0.005 * h
+
+
+def _check_colour(page: Any, path: Path) -> None:
+    photometric = int(page.photometric)
+    if photometric == 5:
+        raise SlideReadError(
+            f"{path}: CMYK (separated) colour is not supported; convert the file to RGB"
+        )
+    if photometric not in _PHOTOMETRIC_SUPPORTED:
+        raise SlideReadError(
+            f"{path}: photometric interpretation {photometric} is not supported (expected "
+            + ", ".join(_PHOTOMETRIC_SUPPORTED.values())
+            + ")"
+        )
+
+
+def _check_complete(pages: list[Any], path: Path) -> None:
+    """Refuse a truncated file at opening, not with a decode error (or, for JPEG, a
+    silently grey tile) at the first read past its end."""
+    size = int(pages[0].parent.filehandle.size)
+    for level, page in enumerate(pages):
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        present = counts > 0
+        if not present.any():
+            continue
+        end = int((offsets[present] + counts[present]).max())
+        if end > size:
+            raise SlideReadError(
+                f"{path}: the file is truncated: it has {size} bytes, but the image data "
+                f"of level {level} runs to byte {end}"
+            )
+
+
+def _rows_addressable(page: Any) -> bool:
+    """Whether any rows of ``page`` can be read straight from the file: uncompressed,
+    stripped, interleaved, in whole bytes per sample, one strip after another."""
+    return (
+        not page.is_tiled
+        and int(page.compression) == 1
+        and int(page.planarconfig) == 1
+        and int(page.bitspersample) in (8, 16)
+        and int(getattr(page, "fillorder", 1)) == 1
+        and min(page.databytecounts, default=0) > 0
+        and len(page.dataoffsets)
+        == math.ceil(
+            int(page.imagelength)
+            / min(int(page.rowsperstrip or page.imagelength), int(page.imagelength))
+        )
+    )
+
+
+def _as_shown(data: np.ndarray, page: Any) -> np.ndarray:
+    """Samples as displayed: min-is-white inverted, palette indices looked up."""
+    photometric = int(page.photometric)
+    if photometric == 0 and data.dtype.kind == "u":
+        return np.iinfo(data.dtype).max - data
+    if photometric == 3 and page.colormap is not None:
+        colormap = np.asarray(page.colormap)  # 3×2**bits, 16-bit
+        if colormap.max() < 256:  # some writers store 8-bit values
+            colormap = colormap * 257
+        return np.moveaxis(colormap[:, data[..., 0]], 0, -1).astype(np.uint16)
+    return data
 
 
 class TiffSlideReader(LevelledReader):
@@ -122,17 +294,9 @@ class TiffSlideReader(LevelledReader):
         except Exception as exc:  # tifffile signals damage with many exception types
             raise SlideReadError(f"{self.path}: not a readable TIFF ({exc})") from None
         try:
-            if not self._tif.series:
-                raise SlideReadError(f"{self.path}: the TIFF holds no image")
-            series = self._tif.series[0]
-            levels = getattr(series, "levels", None) or [series]
-            pages = [lvl.keyframe for lvl in levels]
-            self._pages = [pages[0]] + [p for p in pages[1:] if p.imagewidth <= pages[0].imagewidth]
-            for page in self._pages:
-                if page.imagedepth > 1:
-                    raise SlideReadError(
-                        f"{self.path}: volumetric (3-D) TIFF tiles are not supported"
-                    )
+            self._pages = _pyramid_pages(self._tif, self.path)
+            _check_colour(self._pages[0], self.path)
+            _check_complete(self._pages, self.path)
             self._mpp = tiff_mpp(self._pages[0].description, self._pages[0].tags)
         except SlideReadError:
             self._tif.close()
@@ -168,7 +332,10 @@ class TiffSlideReader(LevelledReader):
         x0, y0, x1, y1 = inside
         page = self._pages[level]
         try:
-            data = self._read_segments(level, page, x0, y0, x1, y1)
+            if _rows_addressable(page):
+                data = self._read_rows(page, x0, y0, x1, y1)
+            else:
+                data = self._read_segments(level, page, x0, y0, x1, y1)
         except SlideReadError:
             raise
         except Exception as exc:
@@ -180,7 +347,7 @@ class TiffSlideReader(LevelledReader):
             raise SlideReadError(
                 f"{self.path}: cannot decode level {level} at ({x0}, {y0}): {exc}{hint}"
             ) from None
-        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(data, self.path)
+        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(_as_shown(data, page), self.path)
         return canvas
 
     def _read_segments(
@@ -225,6 +392,28 @@ class TiffSlideReader(LevelledReader):
             else:
                 out[ya - y0 : yb - y0, xa - x0 : xb - x0] = piece[..., :samples]
         return out
+
+    def _read_rows(self, page: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The pixels ``[y0, y1)×[x0, x1)`` of an uncompressed stripped page, read as
+        byte ranges of just those rows: ImageJ and many converters write the whole image
+        as one strip, which decoding a strip at a time would read whole for every tile."""
+        width, length = int(page.imagewidth), int(page.imagelength)
+        rows_per_strip = min(int(page.rowsperstrip or length), length)
+        samples = int(page.samplesperpixel)
+        dtype = np.dtype(page.dtype).newbyteorder(page.parent.byteorder)
+        row_bytes = width * samples * dtype.itemsize
+        out = np.empty((y1 - y0, width, samples), dtype)
+        for strip in range(y0 // rows_per_strip, (y1 - 1) // rows_per_strip + 1):
+            top = strip * rows_per_strip
+            ra, rb = max(top, y0), min(top + rows_per_strip, y1)
+            offset = int(page.dataoffsets[strip]) + (ra - top) * row_bytes
+            with self._lock:
+                self._tif.filehandle.seek(offset)
+                raw = self._tif.filehandle.read((rb - ra) * row_bytes)
+            if len(raw) != (rb - ra) * row_bytes:
+                raise SlideReadError(f"{self.path}: rows {ra}-{rb} lie past the end of the file")
+            out[ra - y0 : rb - y0] = np.frombuffer(raw, dtype).reshape(rb - ra, width, samples)
+        return out[:, x0:x1].astype(dtype.newbyteorder("="), copy=False)
 
     def _segments(
         self, level: int, page: Any, indices: list[int]
