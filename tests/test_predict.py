@@ -21,8 +21,6 @@ from hisynseg.inference.canvas import DiskCanvas
 from hisynseg.inference.outputs import (
     ClassLabels,
     area_table,
-    mask_to_geojson,
-    write_geojson,
     write_mask_tiff,
 )
 from hisynseg.inference.pseudo_labels import checkpoint_record
@@ -150,35 +148,6 @@ def _blobs() -> np.ndarray:
     cv2.rectangle(mask, (90, 80), (110, 110), 2, -1)  # class 2: two regions
     cv2.ellipse(mask, (60, 95), (25, 15), 0, 0, 360, 3, -1)
     return mask
-
-
-def test_geojson_parses_and_covers_the_mask_regions(tmp_path: Path) -> None:
-    mask = _blobs()
-    scale = 4.0
-    write_geojson(tmp_path / "m.geojson", mask_to_geojson(mask, LABELS, scale))
-    data = json.loads((tmp_path / "m.geojson").read_text())
-    assert data["type"] == "FeatureCollection"
-    by_class = {f["properties"]["classification"]["name"]: f for f in data["features"]}
-    assert set(by_class) == {SPEC.class_names[i] for i in range(4)}
-    assert by_class[SPEC.class_names[2]]["geometry"]["type"] == "MultiPolygon"
-    outer = by_class[SPEC.class_names[0]]["geometry"]
-    assert outer["type"] == "Polygon" and len(outer["coordinates"]) == 2  # with its hole
-    for index, name in enumerate(SPEC.class_names):
-        feature = by_class[name]
-        assert feature["properties"]["objectType"] == "annotation"
-        assert feature["properties"]["classification"]["color"] == list(SPEC.palette[index])
-        geom = feature["geometry"]
-        polygons = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
-        raster = np.zeros(mask.shape, np.uint8)
-        for rings in polygons:
-            pts = [np.rint(np.asarray(r) / scale - 0.5).astype(np.int32) for r in rings]
-            assert all((r[0] == r[-1]).all() for r in pts)
-            cv2.fillPoly(raster, [pts[0]], 1)
-            if len(pts) > 1:
-                cv2.fillPoly(raster, pts[1:], 0)
-        truth = mask == index
-        iou = (truth & (raster > 0)).sum() / (truth | (raster > 0)).sum()
-        assert iou > 0.95, (name, iou)  # hole rings run through boundary pixels
 
 
 def test_pyramidal_mask_tiff_and_area_table(tmp_path: Path) -> None:
@@ -481,84 +450,6 @@ def test_reader_threads_and_device_pooling_give_the_same_masks(tmp_path: Path) -
         np.testing.assert_array_equal(mask, first_mask)
         np.testing.assert_allclose(probs, first_probs, atol=1e-6)
         np.testing.assert_array_equal(counts, first_counts)
-
-
-def _geojson_ccomp(mask: np.ndarray, labels: ClassLabels, scale: float) -> dict:
-    """The straightforward outline of each class with OpenCV's RETR_CCOMP hierarchy."""
-    features = []
-    for index, name in enumerate(labels.names):
-        binary = (mask == index).astype(np.uint8)
-        contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        if hierarchy is None:
-            continue
-
-        def ring(c: np.ndarray, clockwise: bool) -> list | None:
-            pts = c.reshape(-1, 2).astype(np.float64)
-            if len(pts) < 3:
-                return None
-            x, y = pts[:, 0], pts[:, 1]
-            if (float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) > 0) != clockwise:
-                pts = pts[::-1]
-            out = np.round((pts + 0.5) * scale, 3).tolist()
-            return [*out, out[0]]
-
-        polygons = []
-        hier = hierarchy[0]
-        for i, contour in enumerate(contours):
-            outer = ring(contour, True) if hier[i][3] == -1 else None
-            if outer is None:
-                continue
-            rings, child = [outer], hier[i][2]
-            while child != -1:
-                hole = ring(contours[child], False)
-                if hole is not None:
-                    rings.append(hole)
-                child = hier[child][0]
-            polygons.append(rings)
-        if polygons:
-            geometry = (
-                {"type": "Polygon", "coordinates": polygons[0]}
-                if len(polygons) == 1
-                else {"type": "MultiPolygon", "coordinates": polygons}
-            )
-            color = list(labels.palette[index])
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": geometry,
-                    "properties": {
-                        "objectType": "annotation",
-                        "name": name,
-                        "classification": {"name": name, "color": color},
-                        "isLocked": False,
-                    },
-                }
-            )
-    return {"type": "FeatureCollection", "features": features}
-
-
-def test_geojson_equals_the_ccomp_outline_and_streams_the_same_file(tmp_path: Path) -> None:
-    from hisynseg.inference.outputs import write_mask_geojson
-
-    rng = np.random.default_rng(7)
-    noisy = rng.integers(0, 5, (40, 50)).astype(np.uint8)
-    blocky = cv2.resize(noisy[:20, :25], (100, 80), interpolation=cv2.INTER_NEAREST)
-    blocky[30:60, 30:70] = rng.integers(0, 5, (30, 40))  # islands inside holes
-    for mask in (noisy, blocky, _blobs()):
-        expected = _geojson_ccomp(mask, LABELS, 2.5)
-        assert len(expected["features"]) >= 3
-        assert mask_to_geojson(mask, LABELS, 2.5) == expected
-        write_geojson(tmp_path / "a.geojson", expected)
-        write_mask_geojson(tmp_path / "b.geojson", mask, LABELS, 2.5)
-        assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
-    one = np.full((20, 20), BG, np.uint8)
-    one[5:9, 5:12] = 2  # a single polygon of a single class
-    write_geojson(tmp_path / "a.geojson", mask_to_geojson(one, LABELS, 1.0, (3.0, 4.0)))
-    write_mask_geojson(tmp_path / "b.geojson", one, LABELS, 1.0, (3.0, 4.0))
-    assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
-    assert json.loads((tmp_path / "b.geojson").read_text())["features"][0]["geometry"]["type"] == (
-        "Polygon"
-    )
 
 
 def test_backend_says_whether_its_network_runs_on_an_accelerator() -> None:

@@ -139,15 +139,18 @@ def write_mask_tiff(
             "compression": "zlib",
             "tile": (tile, tile),
         }
-        if mpp is not None:
-            options["resolution"] = (1e4 / mpp, 1e4 / mpp)
-            options["resolutionunit"] = "CENTIMETER"
         with (
             atomic_path(path, temp_dir) as tmp,
             tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(canvas)) as tif,
         ):
             for i, level in enumerate(levels):
-                extra = {"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}
+                extra: dict[str, Any] = (
+                    {"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}
+                )
+                if mpp is not None:  # each level its own pixel size
+                    per_cm = 1e4 / (mpp * canvas.width / level.width)
+                    per_cm_y = 1e4 / (mpp * canvas.height / level.height)
+                    extra.update(resolution=(per_cm, per_cm_y), resolutionunit="CENTIMETER")
                 tif.write(
                     _tiles(level, tile),
                     shape=level.shape,
@@ -228,7 +231,7 @@ def write_area_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any
 class _ClassOutlines(NamedTuple):
     """The contours of one class's mask and which of them make which polygon."""
 
-    points: np.ndarray  # all contour points, N×2 float64, already scaled and rounded
+    points: np.ndarray  # all ring points, N×2, already scaled and rounded (int64 if whole)
     starts: np.ndarray  # first point of each contour
     sizes: np.ndarray  # points of each contour
     screen_cw: np.ndarray  # each contour's orientation on screen (y down)
@@ -261,51 +264,145 @@ class _ClassOutlines(NamedTuple):
             yield self.ring(j, False, offset)
 
 
-def _class_outlines(binary: np.ndarray, sx: float, sy: float) -> _ClassOutlines:
-    """The polygons (outer ring, then holes) of a binary mask, as OpenCV's two-level
-    hierarchy (``RETR_CCOMP``) describes them, built without it.
+def _corner_grid(binary: np.ndarray) -> np.ndarray:
+    """The mask on a grid of pixel corners, edge midpoints and centres.
 
-    ``RETR_CCOMP`` takes minutes on a noisy slide-sized mask (hundreds of thousands of
-    contours), while ``RETR_LIST`` lists the same contours, in the same relative order,
-    in well under a second. Each contour's border pixels belong to one 8-connected
-    component of the mask; a component's outer border is the contour that starts at its
-    first pixel in raster order (border following starts every contour at its first
-    pixel, and a component's first pixel starts its outer border), its other contours
-    are its holes. Contours of fewer than three points are left out. Vertices are the
-    pixel centres scaled by ``(sx, sy)``, rounded to 3 decimals.
+    Pixel ``(i, j)`` covers ``[j, j + 1] × [i, i + 1]``; grid point ``(r, c)`` is the
+    point ``(c / 2, r / 2)``, so each pixel sets a 3×3 block of the ``(2h + 1)×(2w + 1)``
+    grid. The grid's foreground is the union of the closed pixel squares, whose border
+    pixels lie on the pixel edges: tracing them outlines the pixels themselves.
     """
-    contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    h, w = binary.shape
+    grid = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
+    for dy in range(3):
+        for dx in range(3):
+            block = grid[dy : dy + 2 * h : 2, dx : dx + 2 * w : 2]
+            np.bitwise_or(block, binary, out=block)
+    return grid
+
+
+def _on_grid(binary: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Whether :func:`_corner_grid` is set at grid points ``(c, r)``, from the mask: a
+    point is set when a pixel it touches is (without keeping the 4× larger grid)."""
+    h, w = binary.shape
+    c, r = points[:, 0], points[:, 1]
+    found = np.zeros(len(points), bool)
+    for rows in ((r - 1) // 2, r // 2):
+        for cols in ((c - 1) // 2, c // 2):
+            inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+            found[inside] |= binary[rows[inside], cols[inside]] > 0
+    return found
+
+
+def _ring_links(starts: np.ndarray, sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the next and of the previous point of each point of the rings."""
+    nxt = np.arange(1, n + 1, dtype=np.int64)
+    nxt[starts + sizes - 1] = starts
+    prev = np.arange(-1, n - 1, dtype=np.int64)
+    prev[starts] = starts + sizes - 1
+    return nxt, prev
+
+
+def _square_corners(
+    points: np.ndarray, starts: np.ndarray, sizes: np.ndarray, binary: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rings with the corners OpenCV cuts put back, and straight runs merged.
+
+    OpenCV follows 8-connected borders, so at a concave corner of the grid's foreground
+    (and at every corner of a one-pixel hole) it steps diagonally, past the corner point,
+    and the ring cuts off an eighth of a pixel. The corner is whichever of the two points
+    beside the diagonal step is foreground.
+
+    Returns:
+        ``(points, sizes)`` of the same rings, in the same order.
+    """
+    nxt, _ = _ring_links(starts, sizes, len(points))
+    step = points[nxt] - points
+    del nxt
+    is_diagonal = (step[:, 0] != 0) & (step[:, 1] != 0)
+    diagonal = np.flatnonzero(is_diagonal)
+    at, by = points[diagonal], step[diagonal]
+    del step
+    if (np.abs(by) != 1).any():  # OpenCV's diagonal runs on this grid are single steps
+        raise AssertionError("unexpected diagonal run in a pixel outline")
+    along_x = np.stack([at[:, 0] + by[:, 0], at[:, 1]], axis=1)
+    along_y = np.stack([at[:, 0], at[:, 1] + by[:, 1]], axis=1)
+    corners = np.where(_on_grid(binary, along_x)[:, None], along_x, along_y)
+    sizes = sizes + np.add.reduceat(is_diagonal.astype(np.int64), starts)
+    del is_diagonal, at, by, along_x, along_y
+    points = np.insert(points, diagonal + 1, corners.astype(points.dtype), axis=0)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    # Drop the points in the middle of straight runs (the edge midpoints above): all
+    # steps are now along an axis, so a point is mid-run when its step in and out agree.
+    nxt, prev = _ring_links(starts, sizes, len(points))
+    heading = np.sign(points[nxt] - points).astype(np.int8)
+    del nxt
+    keep = (heading != heading[prev]).any(axis=1)
+    del heading, prev
+    return points[keep], np.add.reduceat(keep.astype(np.int64), starts)
+
+
+def _class_outlines(binary: np.ndarray, sx: float, sy: float) -> _ClassOutlines:
+    """The polygons (outer ring, then holes) of a binary mask, along the pixel edges, as
+    OpenCV's two-level hierarchy (``RETR_CCOMP``) would group them, built without it.
+
+    The outlines are traced on :func:`_corner_grid`, so each polygon covers exactly its
+    pixels (its area is their count; a one-pixel line is a thin rectangle) and
+    neighbouring classes share their borders. ``RETR_CCOMP`` takes minutes on a noisy
+    slide-sized mask (hundreds of thousands of contours), while ``RETR_LIST`` lists the
+    same contours in well under a second. Each contour bounds one 8-connected component
+    of the mask; a component's outer border is the contour that starts at its first grid
+    point in raster order (border following starts every contour at its first point, and
+    a component's first point starts its outer border), its other contours are its
+    holes. Vertices are scaled by ``(sx, sy)`` and rounded to 3 decimals.
+    """
+    grid = _corner_grid(binary)
+    contours, _ = cv2.findContours(grid, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    del grid
     if not contours:
         empty = np.zeros(0, np.int64)
         return _ClassOutlines(np.zeros((0, 2)), empty, empty, empty.astype(bool), [], {})
+    sizes = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    points = np.concatenate(contours).reshape(-1, 2)  # int32 grid coordinates
+    del contours
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    first = points[starts].astype(np.int64)
+    points, sizes = _square_corners(points, starts, sizes, binary)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     # 32-bit labels: OpenCV numbers provisional labels before merging them, so even a
     # mask of a few hundred regions can run out of 16-bit ones.
     _, components = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
-    sizes = np.fromiter((len(c) for c in contours), np.int64, len(contours))
-    points = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    first = points[starts]
-    label = components[first[:, 1], first[:, 0]]
-    raster = first[:, 1] * binary.shape[1] + first[:, 0]
+    h, w = binary.shape
+    # A contour starts at the top-left corner of its component's first pixel (an outer
+    # border) or just left of a hole's first pixel centre: the pixel at or left of the
+    # start, in its row, is of its component; the other is background (label 0).
+    label = np.zeros(len(sizes), np.int32)
+    rows = np.minimum(first[:, 1] // 2, h - 1)
+    for cols in ((first[:, 0] - 1) // 2, first[:, 0] // 2):
+        inside = (cols >= 0) & (cols < w)
+        np.maximum.at(label, np.flatnonzero(inside), components[rows[inside], cols[inside]])
+    del components
+    raster = first[:, 1] * (2 * w + 1) + first[:, 0]
     by_label = np.lexsort((raster, label))
     leads = np.concatenate([[True], label[by_label][1:] != label[by_label][:-1]])
-    outer = np.zeros(len(contours), bool)
+    outer = np.zeros(len(sizes), bool)
     outer[by_label[leads]] = True
-    # Shoelace sums of all contours at once (exact: integer coordinates in float64);
+    # Shoelace sums of all rings at once (exact: integer coordinates in float64);
     # positive = clockwise on screen (image y points down).
-    nxt = np.arange(1, len(points) + 1)
-    nxt[starts + sizes - 1] = starts
+    nxt, _ = _ring_links(starts, sizes, len(points))
     x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
     screen_cw = np.add.reduceat(x * y[nxt] - x[nxt] * y, starts) > 0
-    scaled = np.round((points + 0.5) * np.array([sx, sy]), 3)
-    usable = sizes >= 3
+    del nxt, x, y
+    scaled = np.round(points * np.array([sx / 2, sy / 2]), 3)
+    if np.array_equal(scaled, np.round(scaled)):
+        scaled = scaled.astype(np.int64)  # whole level-0 pixels: JSON writes ints faster
     owner = {}
     outers = []
-    for i in np.flatnonzero(outer & usable).tolist():
+    for i in np.flatnonzero(outer).tolist():
         owner[int(label[i])] = i
         outers.append(i)
     holes: dict[int, list[int]] = {}
-    for j in np.flatnonzero(~outer & usable).tolist():
+    for j in np.flatnonzero(~outer).tolist():
         i = owner.get(int(label[j]))
         if i is not None:
             holes.setdefault(i, []).append(j)
@@ -340,10 +437,12 @@ def mask_to_geojson(
 
     One ``Feature`` per class present: geometry ``Polygon`` (one region) or
     ``MultiPolygon``, each polygon its outer boundary then its holes (OpenCV's two-level
-    contour hierarchy), vertices at the centres of the boundary pixels, mapped to
-    level-0 pixels by ``x·scale + offset``. Properties follow QuPath:
-    ``{"objectType": "annotation", "classification": {"name", "color"}}``. Regions too
-    small to outline (fewer than three boundary pixels) are left out.
+    contour hierarchy). Rings run along the pixel edges, so a class's polygons cover
+    exactly its pixels (their area is the pixel count, as in the area table) and
+    neighbouring classes share their borders; a mask point ``(x, y)`` (pixel ``(i, j)``
+    spans ``[j, j + 1] × [i, i + 1]``) maps to level-0 pixels as ``x·scale + offset``.
+    Properties follow QuPath:
+    ``{"objectType": "annotation", "classification": {"name", "color"}}``.
     :func:`write_mask_geojson` writes the same file without building it in memory.
 
     Args:
