@@ -232,3 +232,33 @@ def test_a_level_a_little_coarser_than_asked_is_read_and_enlarged(tmp_path: Path
         from_level0 = read_tile(reader, TileGeometry(0, plan.scale, 64, 1), 64, 128)
     assert tile.shape == (64, 64, 3)
     assert np.abs(tile.astype(int) - from_level0.astype(int)).mean() < 2.0
+
+
+def test_openslide_reads_the_resolution_it_misses_with_tifffile(tmp_path: Path) -> None:
+    # A tiled TIFF whose resolution only an Aperio-style description gives: OpenSlide's
+    # generic-TIFF driver does not read it.
+    pytest.importorskip("openslide")
+    from hisynseg.slides.openslide_reader import OpenSlideReader
+
+    path = tmp_path / "generic.tif"
+    tifffile.imwrite(path, _image(256, 256), description="Scanner v1|MPP = 0.4990", **TILED)
+    with OpenSlideReader(path) as reader:
+        assert reader.mpp == pytest.approx(0.499)
+
+
+def test_the_automatic_output_downsample_divides_any_tile_and_overlap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Huge:  # a slide's geometry, nothing to read
+        path = Path("huge.svs")
+        dimensions = (100_000, 80_000)
+        level_dimensions = ((100_000, 80_000),)
+        level_downsamples = (1.0,)
+        mpp = 0.5
+
+    plan = plan_tiles(Huge(), tile=500, overlap=50)  # type: ignore[arg-type]
+    assert plan.output_downsample == 25  # 4000×3200 px; 10 would leave 80 Mpx
+    assert not caplog.records
+    plan = plan_tiles(Huge(), tile=512, overlap=30)  # type: ignore[arg-type]
+    assert plan.output_downsample == 2  # the largest that divides both
+    assert "huge.svs: the output at 50000×40000 px stays above 64 Mpx" in caplog.text

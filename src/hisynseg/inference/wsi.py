@@ -191,8 +191,8 @@ def plan_tiles(
         mpp: The slide's level-0 resolution, overriding (or standing in for) what the
             file records.
         output_downsample: Model pixels per output pixel; ``None`` picks the smallest
-            power of two that keeps the output within ``max_output_pixels`` (among those
-            dividing ``tile`` and ``overlap``).
+            common divisor of ``tile`` and ``overlap`` that keeps the output within
+            ``max_output_pixels`` (the largest, with a warning, when none does).
         max_output_pixels: Cap on the output canvas for the automatic downsample.
 
     Raises:
@@ -222,14 +222,26 @@ def plan_tiles(
     level_scale = scale / reader.level_downsamples[level]
     wm, hm = max(1, round(w0 / scale)), max(1, round(h0 / scale))
     if output_downsample is None:
-        # Powers of two that divide tile and overlap, so tiles stay on the output grid.
-        d = 1
-        while (
-            math.ceil(wm / d) * math.ceil(hm / d) > max_output_pixels
-            and tile % (2 * d) == 0
-            and overlap % (2 * d) == 0
-        ):
-            d *= 2
+        # The smallest common divisor of tile and overlap (so tiles stay on the output
+        # grid) that keeps the output within the cap: a power of two for the defaults.
+        divisors = [
+            k for k in range(1, math.gcd(tile, overlap) + 1) if tile % k == overlap % k == 0
+        ]
+        fits = [k for k in divisors if math.ceil(wm / k) * math.ceil(hm / k) <= max_output_pixels]
+        d = fits[0] if fits else divisors[-1]
+        if not fits:
+            log.warning(
+                "%s: the output at %d×%d px stays above %d Mpx with every downsample that "
+                "divides --tile %d and --overlap %d (the largest is %d); pass "
+                "--output-downsample, or a tile and overlap with larger common divisors",
+                reader.path,
+                math.ceil(wm / d),
+                math.ceil(hm / d),
+                max_output_pixels // 2**20,
+                tile,
+                overlap,
+                d,
+            )
     else:
         d = int(output_downsample)
     if d < 1 or tile % d or overlap % d:

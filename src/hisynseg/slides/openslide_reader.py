@@ -32,6 +32,21 @@ def import_openslide(path: str | os.PathLike[str] | None = None) -> Any:
     return openslide
 
 
+def _tiff_mpp_of(path: Path) -> float | None:
+    """The resolution tifffile finds in a TIFF-based slide's first page, if any: OpenSlide
+    reads an SVS it classes as generic TIFF without the Aperio ``MPP``, for instance."""
+    try:
+        import tifffile
+
+        from hisynseg.slides.tiff import tiff_mpp
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            return tiff_mpp(page.description, page.tags)
+    except Exception:  # not a TIFF (MIRAX, VMS), or tifffile missing: no resolution
+        return None
+
+
 class OpenSlideReader(LevelledReader):
     """A slide read with OpenSlide.
 
@@ -59,6 +74,8 @@ class OpenSlideReader(LevelledReader):
             except (KeyError, TypeError, ValueError):
                 pass
         self._mpp = plausible_mpp(sum(values) / len(values)) if values else None
+        if self._mpp is None:
+            self._mpp = _tiff_mpp_of(self.path)
         self._dims = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
 
