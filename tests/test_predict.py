@@ -168,6 +168,11 @@ def test_pyramidal_mask_tiff_and_area_table(tmp_path: Path) -> None:
         np.testing.assert_array_equal(reduced[0], mask[::2, ::2])
         np.testing.assert_array_equal(reduced[1], mask[::2, ::2][::2, ::2])
         assert page.resolution[0] == pytest.approx(5000.0)
+        # Each reduced level records its own pixel size (4 and 8 µm/px; 160 = 2 * 80).
+        widths = [lvl.keyframe.imagewidth for lvl in tif.series[0].levels]
+        assert widths == [160, 80, 40]
+        per_cm = [lvl.keyframe.resolution[0] for lvl in tif.series[0].levels]
+        assert per_cm == pytest.approx([5000.0, 2500.0, 1250.0])
     counts = np.bincount(mask.ravel(), minlength=256)
     rows = area_table(counts, LABELS, output_mpp=2.0, level0_per_output=4.0)
     assert [r["class"] for r in rows] == [*SPEC.class_names, "background"]

@@ -12,7 +12,7 @@ from hisynseg.cli.arg_types import fraction, non_negative_int, positive_float, p
 _EPILOG = """\
 INPUT is an image (PNG, JPEG, BMP), a TIFF (plain or pyramidal), a whole-slide image
 (.svs, .ndpi through tifffile or OpenSlide; .mrxs, .vms, .scn, .bif through OpenSlide:
-pip install "hisynseg[slides]"), or a folder of them.
+pip install "hisynseg[slides]"), or a folder of them (its subfolders are not searched).
 
 The image is cut into overlapping tiles (--tile, --overlap) at the resolution the model
 was trained at (--target-mpp, in µm per pixel; default: the file's native resolution).
@@ -20,19 +20,23 @@ The slide's own resolution comes from its metadata or from --mpp; a target resol
 without either is an error. Tiles of bare glass are skipped (--no-tissue-detection to
 predict everything). Overlaps are blended with smooth weights, and the probabilities
 stream into a disk-backed canvas at the output resolution (--output-downsample; by
-default the smallest power of two keeping the output within 64 Mpx), so memory stays
-bounded whatever the slide's size.
+default the smallest common divisor of tile and overlap keeping the output within
+64 Mpx), so memory stays bounded whatever the slide's size.
 
-Outputs in DIR, per input NAME: NAME.mask.png (pictures) or NAME.mask.tif (pyramidal
-palette TIFF for TIFF/slide inputs), NAME.overlay.png, NAME.areas.csv (µm² when the
-resolution is known), NAME.geojson (QuPath annotations in level-0 pixels; File > Import
-objects), with --save-probs NAME.probs.npy (H×W×C float16), and DIR/predict.json (options,
-versions, status of every input). Inputs whose outputs exist are skipped unless
---overwrite (outputs made by another model or with other options are an error instead). A slide's progress is saved every minute: re-running the same command after
-Ctrl-C, a time limit or a crash goes on from there (also with --overwrite; --restart
-starts afresh; not on Windows). A failing input is reported and
-skipped; the exit status is 0 when all inputs succeeded, 1 otherwise. Each input gets a
-line; with more than 50 inputs, only failures do, and a bar counts the inputs.
+Outputs in DIR, per input NAME (the file name without its suffix; inputs of the same
+name in other folders get the folder's name in front: a/x.png, b/x.png give a_x, b_x):
+NAME.mask.png (pictures) or NAME.mask.tif (pyramidal palette TIFF for TIFF/slide inputs),
+NAME.overlay.png, NAME.areas.csv (µm² when the resolution is known), NAME.geojson (QuPath
+annotations in level-0 pixels; File > Import objects), with --save-probs NAME.probs.npy
+(H×W×C float16), and DIR/predict.json (options, versions, status of every input). Inputs
+whose outputs exist are skipped unless --overwrite (outputs made from another version of
+the input file, by another model or with other options are an error instead). A slide's
+progress is saved every minute: re-running the same command after Ctrl-C, a time limit
+or a crash goes on from there (also with --overwrite; --restart starts afresh; not on
+Windows). A failing input is reported and skipped; the exit status is 0 when all inputs
+succeeded, 1 otherwise (2: a usage error, such as an --out that cannot be written in).
+Each input gets a line; with more than 50 inputs, only failures do, and a bar counts
+the inputs.
 
 CKPT may be a torch checkpoint (.ckpt from 'hisynseg train') or an .onnx file from
 'hisynseg export' (onnxruntime: pip install "hisynseg[onnx]").
@@ -50,6 +54,41 @@ LINES_UP_TO = 50
 
 def _downsample(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
+
+
+def _list_inputs(paths: list[str], out_dir: Path) -> list[Path]:
+    """The files to predict, saying on stderr what the folders held that is not taken.
+
+    A folder that is also the output folder holds the outputs of earlier runs: they are
+    left out, or each re-run would predict the last one's masks and overlays. The output
+    folder inside a listed folder is no forgotten subfolder either.
+    """
+    from hisynseg.inference.predict import OUTPUT_SUFFIXES
+    from hisynseg.slides.open import INPUT_SUFFIXES, scan_inputs
+
+    out = out_dir.resolve()
+    # The outputs that would pass for inputs.
+    pictures = ", ".join(f"*{s}" for s in OUTPUT_SUFFIXES if s.endswith(INPUT_SUFFIXES))
+
+    def ours(path: Path) -> bool:
+        if path.is_dir():
+            return path.resolve() == out
+        return path.name.endswith(OUTPUT_SUFFIXES) and path.parent.resolve() == out
+
+    listing = scan_inputs(paths, leave_out=ours)
+    for folder, count in listing.left_out.items():
+        files = "file" if count == 1 else "files"
+        print(
+            f"hisynseg predict: {folder}: left out {count} {files} that predict wrote "
+            f"({pictures}; it is also the --out folder)",
+            file=sys.stderr,
+        )
+    for folder, count in listing.unsearched.items():
+        what = "subfolder not searched (give it as an input)"
+        if count > 1:
+            what = "subfolders not searched (give them as inputs)"
+        print(f"hisynseg predict: {folder}: {count} {what}", file=sys.stderr)
+    return listing.files
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -163,8 +202,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hisynseg.devices import resolve_device
     from hisynseg.inference.backends import load_backend
-    from hisynseg.inference.predict import InputResult, PredictOptions, predict_inputs
-    from hisynseg.slides.open import list_inputs
+    from hisynseg.inference.predict import (
+        InputResult,
+        PredictOptions,
+        check_out_dir,
+        predict_inputs,
+    )
 
     options = PredictOptions(
         tile=args.tile,
@@ -186,12 +229,14 @@ def run(args: argparse.Namespace) -> int:
         tile_loader=args.tile_loader,
         resume=not args.restart,
     )
-    options.check()  # before the (possibly large) model is loaded
-    inputs = list_inputs(args.inputs)
+    # Before the (possibly large) model is loaded.
+    options.check()
+    inputs = _list_inputs(args.inputs, Path(args.out))
     if not inputs:
         from hisynseg.cli import CommandError
 
         raise CommandError(f"no images or slides in {', '.join(args.inputs)}")
+    out_dir = check_out_dir(args.out)
     device = resolve_device(args.device)
     tta = None if args.tta == "none" else args.tta
     backend, labels, meta = load_backend(args.checkpoint, device=device, tta=tta)
@@ -234,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         backend,
         backend.num_classes,
         labels,
-        args.out,
+        out_dir,
         options,
         run_info={
             "checkpoint": str(Path(args.checkpoint).resolve()),

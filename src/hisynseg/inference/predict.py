@@ -1,6 +1,7 @@
 """Predicting a list of images and slides into an output folder (``hisynseg predict``).
 
-Per input ``NAME`` (the file's stem; its full name when two inputs share a stem):
+Per input ``NAME`` (the file's stem, without ``.ome``; see :func:`output_names` for
+inputs that share one):
 
 * ``NAME.mask.png`` (pictures) or ``NAME.mask.tif`` (TIFF and slide files; pyramidal,
   tiled, palette): class indices at the output resolution;
@@ -12,8 +13,9 @@ Per input ``NAME`` (the file's stem; its full name when two inputs share a stem)
   resolution (open with ``np.load(path, mmap_mode="r")``).
 
 An input whose outputs all exist is skipped unless ``overwrite``, provided they were made
-from the same input, model and pixel-changing options (``OUTPUT_SETTINGS``); outputs made
-otherwise are not passed off as this run's: the input fails with an error saying so. An
+from the same input (the same file: path, size and modification time), model and
+pixel-changing options (``OUTPUT_SETTINGS``); outputs made otherwise are not passed off
+as this run's: the input fails with an error saying so. An
 input that fails (unreadable file, missing resolution, ...) is reported and the others go
 on. ``predict.json`` in the folder records the options, the versions and every input's
 status, and under ``outputs`` what every output set in the folder was made from, over all
@@ -30,6 +32,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -70,7 +73,11 @@ from hisynseg.inference.scratch import (
     scratch_folder,
     scratch_size,
 )
-from hisynseg.inference.tile_loading import LOADER_KINDS, ReaderPool, processes_may_pay
+from hisynseg.inference.tile_loading import (
+    LOADER_KINDS,
+    ReaderPool,
+    processes_may_pay,
+)
 from hisynseg.inference.tissue import TissueDetector
 from hisynseg.inference.wsi import (
     BLEND_MODES,
@@ -84,8 +91,10 @@ from hisynseg.slides.base import read_thumbnail
 from hisynseg.slides.open import IMAGE_SUFFIXES, SLIDE_SUFFIXES, open_slide
 
 __all__ = [
+    "OUTPUT_SUFFIXES",
     "InputResult",
     "PredictOptions",
+    "check_out_dir",
     "output_names",
     "predict_file",
     "predict_inputs",
@@ -95,6 +104,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MASK_FORMATS = ("auto", "png", "tiff")
+# How the names of the outputs (:func:`output_paths`) end: a folder of inputs that is
+# also the output folder holds them beside the inputs, and they are no inputs.
+OUTPUT_SUFFIXES = (".mask.png", ".mask.tif", ".overlay.png", ".areas.csv", ".geojson", ".probs.npy")
 # Least seconds between two rewrites of predict.json while a run goes on.
 RECORD_EVERY_SECONDS = 2.0
 
@@ -240,10 +252,52 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _stem(path: Path) -> str:
+    """The file's stem, without the ``.ome`` of an OME-TIFF (``x.ome.tif``: ``x``)."""
+    stem = path.stem
+    if path.suffix.lower() in (".tif", ".tiff") and stem.lower().endswith(".ome"):
+        stem = stem[: -len(".ome")]
+    return stem or path.stem
+
+
 def output_names(inputs: Sequence[Path]) -> list[str]:
-    """Output base names: each file's stem, or its whole name where stems collide."""
-    stems = Counter(p.stem for p in inputs)
-    return [p.name if stems[p.stem] > 1 else p.stem for p in inputs]
+    """Output base names, one per input and no two alike.
+
+    Each file's stem (:func:`_stem`); where that is another input's too, its whole name
+    (``x.png``, ``x.tif``); where that is too, its folder's name and stem (``a_x`` for
+    ``a/x.png``, ``b_x`` for ``b/x.png``); where even that is, a counter (``a_x_2``).
+    Names are compared ignoring case, as macOS and Windows file systems do. An input's
+    name depends only on the other inputs, not on their order (but for the counter).
+    """
+    candidates = [
+        (_stem(p), p.name, f"{p.absolute().parent.name}_{_stem(p)}".lstrip("_")) for p in inputs
+    ]
+    level = [0] * len(candidates)
+    while True:
+        names = [c[i] for c, i in zip(candidates, level, strict=True)]
+        counts = Counter(n.casefold() for n in names)
+        # Every input of a clash moves to its next candidate, so that which of them keeps
+        # the name does not depend on the order of the inputs.
+        clashing = [
+            k
+            for k, n in enumerate(names)
+            if counts[n.casefold()] > 1 and level[k] < len(candidates[k]) - 1
+        ]
+        if not clashing:
+            break
+        for k in clashing:
+            level[k] += 1
+    taken = {n.casefold() for n in names}
+    seen: set[str] = set()
+    for k, name in enumerate(names):
+        if name.casefold() in seen:
+            count = 2
+            while f"{name}_{count}".casefold() in taken:
+                count += 1
+            names[k] = f"{name}_{count}"
+            taken.add(names[k].casefold())
+        seen.add(names[k].casefold())
+    return names
 
 
 def _mask_suffix(path: Path, options: PredictOptions) -> str:
@@ -287,15 +341,21 @@ def _lap(times: dict[str, float], key: str, since: float) -> float:
     return now
 
 
+def _input_identity(path: Path) -> list[Any]:
+    """``[resolved path, size, mtime_ns]``: what tells a version of an input file from
+    another (the file replaced at the same path)."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
 def _progress_fingerprint(
     path: Path, name: str, options: PredictOptions, plan: dict[str, Any], model_key: str
 ) -> str:
     """What a saved progress of this prediction must have been saved with."""
-    stat = path.stat()
     settings = ("tile", "overlap", "target_mpp", "mpp", "blend", "tissue_detection")
     settings += ("min_tissue", "max_tiles", "save_probs")
     return fingerprint(
-        input=[str(path.resolve()), stat.st_size, stat.st_mtime_ns],
+        input=_input_identity(path),
         name=name,
         model=model_key,
         options={k: getattr(options, k) for k in settings},
@@ -503,6 +563,41 @@ def predict_file(
     }
 
 
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Make the output folder (with its parents) and check that files can be made in it.
+
+    Meant to be called before the model is loaded, so that a folder that cannot be used
+    is said at once, in a line.
+
+    Returns:
+        The folder.
+
+    Raises:
+        PredictionError: A file is there, the folder cannot be made, or no file can be
+            made in it (read-only, no permission, a full disk).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PredictionError(f"--out {out_dir}: not a folder (a file is there)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PredictionError(
+            f"--out {out_dir}: cannot make the folder ({exc.strerror or exc})"
+        ) from None
+    # Permissions alone do not tell (a read-only file system, ACLs, root): try a file, as
+    # predict.json and every output are written.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hisynseg-probe.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PredictionError(
+            f"--out {out_dir}: cannot write in it ({exc.strerror or exc})"
+        ) from None
+    return out_dir
+
+
 def predict_inputs(
     inputs: Sequence[str | os.PathLike[str]],
     predict: Callable[[np.ndarray], np.ndarray],
@@ -535,8 +630,7 @@ def predict_inputs(
     from tqdm.auto import tqdm
 
     options.check()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(out_dir)
     paths = [Path(p) for p in inputs]
     names = output_names(paths)
     results: list[InputResult] = []
@@ -557,17 +651,11 @@ def predict_inputs(
     def predict_one(path: Path, name: str, reader_pool: ReaderPool | None) -> InputResult:
         expected = output_paths(path, name, out_dir, options)
         start = time.perf_counter()
-        maker = {"input": str(path.resolve()), "model": model_key, "settings": settings}
+        maker = _maker(path, model_key, settings)
         earlier = record.made_by.get(name)
         if not options.overwrite and all(p.is_file() for p in expected.values()):
-            if earlier is not None and earlier != maker:
-                differ = []
-                if earlier.get("input") != maker["input"]:
-                    differ.append(f"another input ({earlier.get('input')})")
-                if earlier.get("model") != maker["model"]:
-                    differ.append(_model_difference(earlier.get("model"), maker["model"]))
-                if earlier.get("settings") != settings:
-                    differ.append(f"other options ({_then_now(earlier.get('settings'), settings)})")
+            differ = [] if earlier is None else _maker_differences(earlier, maker)
+            if differ:
                 result = InputResult(
                     str(path),
                     name,
@@ -677,6 +765,64 @@ def _report_scratch(
             stale.size / 2**20,
             stale.pid,
         )
+
+
+def _maker(path: Path, model_key: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """What outputs of ``path`` are made from, as ``predict.json`` records it under
+    ``outputs``: the input (path, size, modification time), model and settings."""
+    try:
+        resolved, size, mtime_ns = _input_identity(path)
+    except OSError:
+        # A missing input: its outputs, if any, are judged by its path (predicting it
+        # fails and says why).
+        resolved, size, mtime_ns = str(path.resolve()), None, None
+    return {
+        "input": resolved,
+        "input_size": size,
+        "input_mtime_ns": mtime_ns,
+        "model": model_key,
+        "settings": settings,
+    }
+
+
+def _maker_differences(earlier: dict[str, Any], maker: dict[str, Any]) -> list[str]:
+    """How the outputs ``earlier`` describes were made otherwise than ``maker`` would make
+    them (empty: the same way)."""
+    differ = []
+    if earlier.get("input") != maker["input"]:
+        differ.append(f"another input ({earlier.get('input')})")
+    else:
+        # Records written before sizes and times were recorded name the path only; they
+        # are taken at their word, as they always were.
+        then = {k: earlier.get(k) for k in ("input_size", "input_mtime_ns")}
+        now = {k: maker[k] for k in ("input_size", "input_mtime_ns")}
+        known = [k for k in then if then[k] is not None and now[k] is not None]
+        if any(then[k] != now[k] for k in known):
+            if then["input_size"] != now["input_size"]:
+                was = f"size {then['input_size']} then, {now['input_size']} now"
+            else:
+                was = _modified(then["input_mtime_ns"], now["input_mtime_ns"])
+            differ.append(f"another version of this input ({was})")
+    if earlier.get("model") != maker["model"]:
+        differ.append(_model_difference(earlier.get("model"), maker["model"]))
+    if earlier.get("settings") != maker["settings"]:
+        then_now = _then_now(earlier.get("settings"), maker["settings"])
+        differ.append(f"other options ({then_now})")
+    return differ
+
+
+def _modified(then: Any, now: Any) -> str:
+    """``modified T1 then, T2 now`` of two modification times in nanoseconds, to the
+    second unless they share it."""
+
+    def when(ns: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+    if not (isinstance(then, int) and isinstance(now, int)):
+        return f"modified {then!r} then, {now!r} now"
+    if when(then) == when(now):
+        return f"modified {then} then, {now} now (ns)"
+    return f"modified {when(then)} then, {when(now)} now"
 
 
 def _model_difference(old: Any, new: Any) -> str:

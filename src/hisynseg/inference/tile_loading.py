@@ -617,10 +617,11 @@ def choose_loader(
     ``auto`` picks processes when the network runs on an accelerator (``accelerated``),
     the reader can be reopened in a worker (its ``reopener()`` gives a factory), and there
     are at least :data:`MIN_WORKERS_FOR_PROCESSES` workers and
-    :data:`MIN_TILES_FOR_PROCESSES` tiles; threads otherwise.
+    :data:`MIN_TILES_FOR_PROCESSES` tiles; threads otherwise. ``processes`` is threads
+    too for a reader that cannot be reopened (a plain picture).
 
     Raises:
-        HisynsegError: ``processes`` asked for a reader that cannot be reopened.
+        HisynsegError: An unknown ``kind``.
     """
     if kind not in LOADER_KINDS:
         raise HisynsegError(
@@ -628,10 +629,9 @@ def choose_loader(
         )
     reopenable = reader_factory(reader) is not None
     if kind == "processes" and not reopenable:
-        raise HisynsegError(
-            f"{reader.path}: {type(reader).__name__} cannot be read from worker processes "
-            "(plain pictures are decoded whole); use --tile-loader threads"
-        )
+        # A picture is decoded whole into this process's memory: worker processes would
+        # each decode it again, and threads read it fast enough.
+        return "threads"
     if kind == "auto":
         use = (
             processes_may_pay(kind, accelerated, workers)

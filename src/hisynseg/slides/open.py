@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hisynseg.slides.base import SlideReader, SlideReadError
 
-__all__ = ["IMAGE_SUFFIXES", "INPUT_SUFFIXES", "SLIDE_SUFFIXES", "list_inputs", "open_slide"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "INPUT_SUFFIXES",
+    "SLIDE_SUFFIXES",
+    "InputListing",
+    "list_inputs",
+    "open_slide",
+    "scan_inputs",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
@@ -74,28 +83,72 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
     )
 
 
-def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files to predict: each file as given, and the images/slides directly in each folder.
+@dataclass
+class InputListing:
+    """The inputs :func:`scan_inputs` found, and what it did not take from the folders.
 
-    Folders are listed sorted, hidden files skipped; a path that does not exist is kept
-    (it is reported as a failed input, not silently dropped). Duplicates are removed.
+    Attributes:
+        files: Files to predict, in order, without duplicates.
+        unsearched: Per folder listed, how many (not hidden) subfolders it holds, which
+            are not searched.
+        left_out: Per folder listed, how many input files ``leave_out`` took out.
     """
-    out: list[Path] = []
+
+    files: list[Path] = field(default_factory=list)
+    unsearched: dict[Path, int] = field(default_factory=dict)
+    left_out: dict[Path, int] = field(default_factory=dict)
+
+
+def scan_inputs(
+    paths: Iterable[str | os.PathLike[str]],
+    leave_out: Callable[[Path], bool] | None = None,
+) -> InputListing:
+    """Files to predict, as :func:`list_inputs`, with what the folders held beside them.
+
+    Args:
+        paths: Files and folders.
+        leave_out: Says of each file and subfolder in a listed folder whether to pass it
+            over (e.g. the outputs of an earlier prediction into that folder). Such a file
+            is counted in ``left_out``, such a folder not in ``unsearched``. Files given
+            as paths are always kept.
+
+    Returns:
+        The files, and per folder the subfolders not searched and the files left out.
+    """
+    listing = InputListing()
     seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
-        found = (
-            sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES and not p.name.startswith(".")
-            )
-            if path.is_dir()
-            else [path]
-        )
+        found = [path]
+        if path.is_dir():
+            found, subfolders, skipped = [], 0, 0
+            for p in sorted(path.iterdir()):
+                if p.name.startswith("."):
+                    continue
+                if p.is_dir():
+                    subfolders += not (leave_out is not None and leave_out(p))
+                elif p.is_file() and p.suffix.lower() in INPUT_SUFFIXES:
+                    if leave_out is not None and leave_out(p):
+                        skipped += 1
+                    else:
+                        found.append(p)
+            if subfolders:
+                listing.unsearched[path] = subfolders
+            if skipped:
+                listing.left_out[path] = skipped
         for p in found:
             key = p.resolve()
             if key not in seen:
                 seen.add(key)
-                out.append(p)
-    return out
+                listing.files.append(p)
+    return listing
+
+
+def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files to predict: each file as given, and the images/slides directly in each folder.
+
+    Folders are listed sorted, hidden files skipped; their subfolders are not searched
+    (:func:`scan_inputs` counts them). A path that does not exist is kept (it is reported
+    as a failed input, not silently dropped). Duplicates are removed.
+    """
+    return scan_inputs(paths).files
