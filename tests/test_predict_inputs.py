@@ -92,6 +92,33 @@ def test_inputs_sharing_a_file_name_get_outputs_of_their_own(tmp_path: Path) -> 
     assert [r.status for r in results] == ["skipped", "skipped"]
 
 
+def test_outputs_made_under_an_older_naming_rule_keep_their_name(tmp_path: Path) -> None:
+    # Earlier versions named x.ome.tif's outputs x.ome: a re-run skips them rather than
+    # predicting x.* beside them.
+    import tifffile
+
+    slide = tmp_path / "x.ome.tif"
+    tifffile.imwrite(slide, _texture(64, 64), photometric="rgb")
+    out = tmp_path / "out"
+    (result,) = predict_inputs([slide], _backend, 4, LABELS, out, _options())
+    assert result.name == "x"
+    record = json.loads((out / "predict.json").read_text())
+    record["outputs"] = {"x.ome": record["outputs"]["x"]}
+    (out / "predict.json").write_text(json.dumps(record))
+    for path in out.glob("x.*"):
+        path.rename(out / path.name.replace("x.", "x.ome.", 1))
+    (result,) = predict_inputs([slide], _backend, 4, LABELS, out, _options())
+    assert (result.status, result.name) == ("skipped", "x.ome")
+    assert not list(out.glob("x.mask*"))
+    # A recorded name another input of the run takes stays that input's.
+    from hisynseg.inference.predict import _recorded_names
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    recorded = {"b": {"input": str(a.resolve())}}
+    assert _recorded_names([a, b], ["a", "b"], recorded) == ["a", "b"]
+    assert _recorded_names([a], ["a"], recorded) == ["b"]
+
+
 def test_output_suffixes_cover_every_output() -> None:
     options = _options(save_probs=True, geojson=True)
     for path in (Path("x.png"), Path("x.tif")):

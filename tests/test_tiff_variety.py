@@ -90,6 +90,15 @@ def _ome(*pixels: str) -> str:
     return f'<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">{images}</OME>'
 
 
+def test_mpp_from_ome_xml_reads_the_image_of_the_slides_size() -> None:
+    overview_first = _ome(
+        'SizeX="260" SizeY="200" PhysicalSizeX="10"',
+        'SizeX="2600" SizeY="2000" PhysicalSizeX="1.0"',
+    )
+    assert tiff_mpp(overview_first, {}, (2600, 2000)) == pytest.approx(1.0)
+    assert tiff_mpp(overview_first, {}, (999, 999)) == pytest.approx(10.0)  # the first
+
+
 @pytest.mark.parametrize(
     ("description", "expected"),
     [
@@ -187,6 +196,8 @@ def test_a_single_strip_image_is_read_by_rows_not_whole(
     monkeypatch.setattr(reader, "_segments", no_decoding)
     expected = (image >> 8).astype(np.uint8) if dtype is np.uint16 else image
     np.testing.assert_array_equal(reader.read_region(0, 50, 120, 64, 64), expected[120:184, 50:114])
+    # A narrow region: its columns of each row only.
+    np.testing.assert_array_equal(reader.read_region(0, 70, 10, 20, 30), expected[10:40, 70:90])
     region = reader.read_region(0, 180, 290, 40, 20)  # over the corner: white outside
     np.testing.assert_array_equal(region[:10, :20], expected[290:, 180:])
     assert (region[10:] == 255).all() and (region[:, 20:] == 255).all()
@@ -262,3 +273,57 @@ def test_the_automatic_output_downsample_divides_any_tile_and_overlap(
     plan = plan_tiles(Huge(), tile=512, overlap=30)  # type: ignore[arg-type]
     assert plan.output_downsample == 2  # the largest that divides both
     assert "huge.svs: the output at 50000×40000 px stays above 64 Mpx" in caplog.text
+
+
+def test_extra_samples_are_read_as_their_tag_says(tmp_path: Path) -> None:
+    colour = np.full((16, 16, 3), (180, 60, 150), np.uint8)
+    unspecified = np.concatenate([colour, np.zeros((16, 16, 1), np.uint8)], axis=2)
+    tifffile.imwrite(tmp_path / "rgbx.tif", unspecified, photometric="rgb", extrasamples=[0])
+    with TiffSlideReader(tmp_path / "rgbx.tif") as reader:  # not alpha: dropped
+        assert (reader.read_region(0, 0, 0, 16, 16) == (180, 60, 150)).all()
+    premultiplied = np.concatenate(
+        [(colour.astype(int) * 128 // 255).astype(np.uint8), np.full((16, 16, 1), 128, np.uint8)],
+        axis=2,
+    )
+    tifffile.imwrite(
+        tmp_path / "assoc.tif", premultiplied, photometric="rgb", extrasamples=["assocalpha"]
+    )
+    with TiffSlideReader(tmp_path / "assoc.tif") as reader:  # c·α + 255·(1 − α)
+        assert (reader.read_region(0, 0, 0, 16, 16) == (217, 157, 202)).all()
+
+
+def _drop_first_tile(path: Path) -> None:
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tag = tif.pages[0].tags["TileByteCounts"]
+        tag.overwrite((0, *tag.value[1:]))
+
+
+def test_tiles_a_file_leaves_out_read_as_glass_whatever_the_colours(tmp_path: Path) -> None:
+    palette = np.zeros((3, 256), np.uint16)  # every index black but 1
+    palette[:, 1] = (50000, 10000, 40000)
+    files = {
+        "white.tif": {"data": np.full((64, 64), 30, np.uint8), "photometric": "miniswhite"},
+        "palette.tif": {
+            "data": np.ones((64, 64), np.uint8),
+            "photometric": "palette",
+            "colormap": palette,
+        },
+    }
+    for name, options in files.items():
+        tifffile.imwrite(tmp_path / name, tile=(32, 32), **options)
+        _drop_first_tile(tmp_path / name)
+        with TiffSlideReader(tmp_path / name) as reader:
+            rgb = reader.read_region(0, 0, 0, 64, 64)
+        assert (rgb[:32, :32] == 255).all(), name
+        assert (rgb[32:, 32:] < 255).any(axis=-1).all(), name  # the tiles present show
+
+
+def test_uncompressed_ycbcr_is_converted_to_rgb(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[...] = (180, 60, 150)
+    Image.fromarray(rgb).convert("YCbCr").save(tmp_path / "ycc.tif")  # no compression
+    with TiffSlideReader(tmp_path / "ycc.tif") as reader:
+        read = reader.read_region(0, 0, 0, 16, 16).astype(int)
+    assert np.abs(read - rgb).max() <= 2  # one rounding each way

@@ -300,6 +300,28 @@ def output_names(inputs: Sequence[Path]) -> list[str]:
     return names
 
 
+def _recorded_names(
+    paths: Sequence[Path], names: list[str], made_by: dict[str, dict[str, Any]]
+) -> list[str]:
+    """``names``, but an input the folder already holds outputs of keeps the name they
+    have, where no other input takes it: outputs written under an earlier naming rule
+    (``x.ome`` for ``x.ome.tif``, say) are then skipped, not made again beside the old."""
+    recorded: dict[str, str] = {}
+    for name, maker in made_by.items():
+        recorded.setdefault(str(maker.get("input")), name)
+    out = list(names)
+    for k, path in enumerate(paths):
+        try:
+            name = recorded.get(str(path.resolve()))
+        except OSError:
+            continue
+        if name is None or name == out[k]:
+            continue
+        if all(name.casefold() != other.casefold() for j, other in enumerate(out) if j != k):
+            out[k] = name
+    return out
+
+
 def _mask_suffix(path: Path, options: PredictOptions) -> str:
     if options.mask_format == "png":
         return ".png"
@@ -632,7 +654,6 @@ def predict_inputs(
     options.check()
     out_dir = check_out_dir(out_dir)
     paths = [Path(p) for p in inputs]
-    names = output_names(paths)
     results: list[InputResult] = []
     header = {
         **(run_info or {}),
@@ -646,6 +667,7 @@ def predict_inputs(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     record = _RunRecord(out_dir / "predict.json", header, len(paths))
+    names = _recorded_names(paths, output_names(paths), record.made_by)
     settings = {k: getattr(options, k) for k in OUTPUT_SETTINGS}
 
     def predict_one(path: Path, name: str, reader_pool: ReaderPool | None) -> InputResult:

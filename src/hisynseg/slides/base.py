@@ -127,12 +127,20 @@ def plausible_mpp(value: float | None) -> float | None:
     return float(value) if MPP_RANGE[0] <= value <= MPP_RANGE[1] else None
 
 
-def to_rgb_uint8(array: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+def to_rgb_uint8(
+    array: np.ndarray, path: str | os.PathLike[str], alpha: str = "straight"
+) -> np.ndarray:
     """``h×w×3`` ``uint8`` RGB from grey, grey+alpha, RGB or RGBA data of 8 or 16 bits.
 
-    Alpha is composited over white, the colour of glass: transparent parts of an image
-    (areas a scanner did not capture, often stored as transparent black) read as
+    An alpha sample is composited over white, the colour of glass: transparent parts of
+    an image (areas a scanner did not capture, often stored as transparent black) read as
     background. 16-bit samples keep their 8 high bits.
+
+    Args:
+        array: ``h×w`` or ``h×w×c`` samples, ``c`` in 1-4.
+        path: The file, for error messages.
+        alpha: What a 2nd/4th sample is: ``"straight"`` alpha, ``"premultiplied"``
+            alpha (colours already multiplied by it), or ``"none"`` (not alpha: dropped).
 
     Raises:
         SlideReadError: Another sample layout or type.
@@ -148,11 +156,14 @@ def to_rgb_uint8(array: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     if channels not in (1, 2, 3, 4):
         raise SlideReadError(f"{path}: unsupported image with {channels} samples per pixel")
     rgb = np.repeat(a[:, :, :1], 3, axis=2) if channels < 3 else a[:, :, :3]
-    if channels in (2, 4):
-        alpha = a[:, :, -1:]
-        if alpha.min() < 255:
+    if channels in (2, 4) and alpha != "none":
+        opacity = a[:, :, -1:]
+        if opacity.min() < 255:
+            clear = 255 - opacity.astype(np.uint16)
+            if alpha == "premultiplied":  # c·α is stored: add white·(1 − α)
+                return np.minimum(rgb.astype(np.uint16) + clear, 255).astype(np.uint8)
             # rgb·α + white·(1 − α), rounded, in integers.
-            mixed = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
+            mixed = rgb.astype(np.uint16) * opacity + 255 * clear
             return ((mixed + 127) // 255).astype(np.uint8)
     return np.ascontiguousarray(rgb)
 

@@ -74,7 +74,8 @@ class OpenSlideReader(LevelledReader):
             except (KeyError, TypeError, ValueError):
                 pass
         self._mpp = plausible_mpp(sum(values) / len(values)) if values else None
-        if self._mpp is None:
+        if self._mpp is None and props.get("openslide.vendor") == "generic-tiff":
+            # Its level 0 is the file's first page, whose description tifffile reads.
             self._mpp = _tiff_mpp_of(self.path)
         self._dims = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)

@@ -79,30 +79,46 @@ def _unit_to_um(unit: str | None) -> float | None:
     return _UNIT_TO_UM.get(key)
 
 
-def _ome_mpp(description: str) -> float | None:
-    """``PhysicalSizeX`` of the first image's ``Pixels`` in OME-XML, in µm, if given."""
+def _ome_mpp(description: str, size: tuple[int, int] | None = None) -> float | None:
+    """``PhysicalSizeX`` in µm of the OME-XML image of ``size = (width, height)`` (the
+    first image when none has that size, or no size is given), if it says."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.fromstring(description)
     except ET.ParseError:
         return None
-    # The first Image's Pixels: later images of the file (label, macro) have their own.
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None or pixels.get("PhysicalSizeX") is None:
+    # Each image (slide, label, macro, overview) has its own Pixels and resolution.
+    all_pixels = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
+    if not all_pixels:
+        return None
+    pixels = all_pixels[0]
+    if size is not None:
+        pixels = next(
+            (
+                el
+                for el in all_pixels
+                if (el.get("SizeX"), el.get("SizeY")) == (str(size[0]), str(size[1]))
+            ),
+            pixels,
+        )
+    if pixels.get("PhysicalSizeX") is None:
         return None
     factor = _unit_to_um(pixels.get("PhysicalSizeXUnit"))
     try:
-        size = float(pixels.get("PhysicalSizeX", ""))
+        value = float(pixels.get("PhysicalSizeX", ""))
     except ValueError:
         return None
-    return None if factor is None else plausible_mpp(size * factor)
+    return None if factor is None else plausible_mpp(value * factor)
 
 
-def tiff_mpp(description: str | None, tags: Any) -> float | None:
+def tiff_mpp(
+    description: str | None, tags: Any, size: tuple[int, int] | None = None
+) -> float | None:
     """Microns per pixel from a TIFF page's description and resolution tags, if believable.
 
-    In order: an Aperio ``MPP = x``; the first image's ``PhysicalSizeX`` in OME-XML; the
+    In order: an Aperio ``MPP = x``; the ``PhysicalSizeX`` in OME-XML of the image of
+    ``size = (width, height)`` (or of the first image); the
     XResolution tag in pixels per inch, centimetre, millimetre or micron (ResolutionUnit
     2-5), or, with ResolutionUnit "none", per the ``unit=`` an ImageJ description names.
     """
@@ -114,7 +130,7 @@ def tiff_mpp(description: str | None, tags: Any) -> float | None:
         except ValueError:
             pass
     if desc.lstrip().startswith("<") and "PhysicalSizeX" in desc:
-        ome = _ome_mpp(desc)
+        ome = _ome_mpp(desc, size)
         if ome is not None:
             return ome
     try:
@@ -143,6 +159,9 @@ _MAX_SCANNED_PAGES = 64
 _PHOTOMETRIC_SUPPORTED = {0: "min-is-white", 1: "min-is-black", 2: "RGB", 3: "palette", 6: "YCbCr"}
 
 
+_VENDOR_LAYOUTS = ("svs", "ndpi", "scn", "philips", "bif")
+
+
 def _area(page: Any) -> int:
     return int(page.imagewidth) * int(page.imagelength)
 
@@ -154,7 +173,8 @@ def _pyramid_pages(tif: Any, path: Path) -> list[Any]:
     not win). Reduced levels are the levels tifffile groups with it plus any SubIFD of
     level 0 and any page marked "reduced" with level 0's shape: tifffile groups only
     levels at one steady step of 2, 3 or 4, and without the others every read at a low
-    resolution would decode level 0.
+    resolution would decode level 0. Files of the vendors tifffile knows (Aperio,
+    Hamamatsu, Leica, Philips, Ventana) keep tifffile's levels only.
     """
     keyframes = [s.keyframe for s in tif.series if s.keyframe is not None]
     if not keyframes:
@@ -166,6 +186,11 @@ def _pyramid_pages(tif: Any, path: Path) -> list[Any]:
     for series in tif.series:
         if series.keyframe is base:
             candidates += [level.keyframe for level in series.levels[1:]]
+    if any(getattr(tif, f"is_{vendor}", False) for vendor in _VENDOR_LAYOUTS):
+        # tifffile knows these vendors' pyramids; their label and macro pages may be
+        # marked "reduced" too.
+        reduced = [p for p in candidates if int(p.imagewidth) < int(base.imagewidth)]
+        return [base, *sorted(reduced, key=lambda p: -int(p.imagewidth))]
     for i, offset in enumerate(base.subifds or ()):
         if offset >= 8:
             with contextlib.suppress(Exception):  # a damaged SubIFD is no level
@@ -207,6 +232,14 @@ def _check_colour(page: Any, path: Path) -> None:
     if photometric == 5:
         raise SlideReadError(
             f"{path}: CMYK (separated) colour is not supported; convert the file to RGB"
+        )
+    if (
+        photometric == 6
+        and int(page.compression) not in _JPEG_COMPRESSIONS
+        and tuple(page.subsampling or (1, 1)) != (1, 1)
+    ):
+        raise SlideReadError(
+            f"{path}: chroma-subsampled YCbCr without JPEG compression is not supported"
         )
     if photometric not in _PHOTOMETRIC_SUPPORTED:
         raise SlideReadError(
@@ -252,17 +285,52 @@ def _rows_addressable(page: Any) -> bool:
     )
 
 
-def _as_shown(data: np.ndarray, page: Any) -> np.ndarray:
-    """Samples as displayed: min-is-white inverted, palette indices looked up."""
+_JPEG_COMPRESSIONS = (6, 7)  # old-style and new-style JPEG: tifffile decodes to RGB
+
+
+def _colour_samples(page: Any) -> int:
+    return 3 if int(page.photometric) in (2, 6) else 1
+
+
+def _alpha_kind(page: Any) -> str:
+    """What the first extra sample of ``page`` is, as :func:`to_rgb_uint8` names it."""
+    if int(page.samplesperpixel) <= _colour_samples(page):
+        return "none"
+    extra = tuple(page.extrasamples or (0,))
+    return {1: "premultiplied", 2: "straight"}.get(int(extra[0]), "none")
+
+
+def _as_shown(data: np.ndarray, page: Any, path: Path) -> np.ndarray:
+    """Colour samples as displayed (min-is-white inverted, palette indices looked up,
+    uncompressed YCbCr converted), extra samples (alpha) as they are."""
     photometric = int(page.photometric)
+    colour = _colour_samples(page)
+    shown, extra = data[..., :colour], data[..., colour:]
     if photometric == 0 and data.dtype.kind == "u":
-        return np.iinfo(data.dtype).max - data
-    if photometric == 3 and page.colormap is not None:
+        shown = np.iinfo(data.dtype).max - shown
+    elif photometric == 3 and page.colormap is not None:
         colormap = np.asarray(page.colormap)  # 3×2**bits, 16-bit
         if colormap.max() < 256:  # some writers store 8-bit values
             colormap = colormap * 257
-        return np.moveaxis(colormap[:, data[..., 0]], 0, -1).astype(np.uint16)
-    return data
+        index = shown[..., 0]
+        if index.size and int(index.max()) >= colormap.shape[1]:
+            raise SlideReadError(
+                f"{path}: palette index {int(index.max())} beyond the colour map's "
+                f"{colormap.shape[1]} entries"
+            )
+        shown = np.moveaxis(colormap[:, index], 0, -1).astype(np.uint16)
+        if extra.dtype == np.uint8:
+            extra = extra.astype(np.uint16) * 257
+    elif photometric == 6 and int(page.compression) not in _JPEG_COMPRESSIONS:
+        import cv2
+
+        if data.dtype != np.uint8:
+            raise SlideReadError(f"{path}: YCbCr of {data.dtype} samples is not supported")
+        # TIFF's default YCbCr is full-range BT.601, as OpenCV's YCrCb (Cr, Cb swapped).
+        shown = cv2.cvtColor(np.ascontiguousarray(shown[..., [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
+    if extra.shape[-1] == 0:
+        return shown
+    return np.concatenate([shown, extra.astype(shown.dtype)], axis=-1)
 
 
 class TiffSlideReader(LevelledReader):
@@ -297,13 +365,21 @@ class TiffSlideReader(LevelledReader):
             self._pages = _pyramid_pages(self._tif, self.path)
             _check_colour(self._pages[0], self.path)
             _check_complete(self._pages, self.path)
-            self._mpp = tiff_mpp(self._pages[0].description, self._pages[0].tags)
+            base = self._pages[0]
+            # OME-XML, on the first page only, describes every image of the file.
+            description = self._tif.pages.first.description if self._tif.is_ome else ""
+            self._mpp = tiff_mpp(
+                description or base.description,
+                base.tags,
+                (int(base.imagewidth), int(base.imagelength)),
+            )
         except SlideReadError:
             self._tif.close()
             raise
         except Exception as exc:
             self._tif.close()
             raise SlideReadError(f"{self.path}: unusable TIFF structure ({exc})") from None
+        self._alpha = _alpha_kind(self._pages[0])
         w0 = self._pages[0].imagewidth
         self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
         self._downsamples = tuple(w0 / w for w, _ in self._dims)
@@ -331,11 +407,12 @@ class TiffSlideReader(LevelledReader):
             return canvas
         x0, y0, x1, y1 = inside
         page = self._pages[level]
+        missing: list[tuple[int, int, int, int]] = []
         try:
             if _rows_addressable(page):
                 data = self._read_rows(page, x0, y0, x1, y1)
             else:
-                data = self._read_segments(level, page, x0, y0, x1, y1)
+                data = self._read_segments(level, page, x0, y0, x1, y1, missing)
         except SlideReadError:
             raise
         except Exception as exc:
@@ -347,13 +424,27 @@ class TiffSlideReader(LevelledReader):
             raise SlideReadError(
                 f"{self.path}: cannot decode level {level} at ({x0}, {y0}): {exc}{hint}"
             ) from None
-        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(_as_shown(data, page), self.path)
+        shown = _as_shown(data, page, self.path)
+        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(shown, self.path, self._alpha)
+        for ya, yb, xa, xb in missing:  # tiles the file leaves out: glass
+            canvas[ya - y : yb - y, xa - x : xb - x] = 255
         return canvas
 
     def _read_segments(
-        self, level: int, page: Any, x0: int, y0: int, x1: int, y1: int
+        self,
+        level: int,
+        page: Any,
+        x0: int,
+        y0: int,
+        x1: int,
+        y1: int,
+        missing: list[tuple[int, int, int, int]],
     ) -> np.ndarray:
-        """The pixels ``[y0, y1)×[x0, x1)`` of ``page``, decoding only the segments needed."""
+        """The pixels ``[y0, y1)×[x0, x1)`` of ``page``, decoding only the segments needed.
+
+        The level-pixel boxes ``(y0, y1, x0, x1)`` of tiles the file does not hold are
+        added to ``missing`` (their samples are left at 0).
+        """
         width, length = int(page.imagewidth), int(page.imagelength)
         if page.is_tiled:
             seg_h, seg_w = int(page.tilelength), int(page.tilewidth)
@@ -374,14 +465,15 @@ class TiffSlideReader(LevelledReader):
             for ty in range(y0 // seg_h, (y1 - 1) // seg_h + 1)
             for tx in range(x0 // seg_w, (x1 - 1) // seg_w + 1)
         ]
-        dtype = np.dtype(page.dtype)
-        fill = np.iinfo(dtype).max if dtype.kind in "ui" else 1
-        out = np.full((y1 - y0, x1 - x0, samples), fill, dtype=dtype)
+        out = np.zeros((y1 - y0, x1 - x0, samples), dtype=np.dtype(page.dtype))
         for index, segment in self._segments(level, page, indices):
-            if segment is None:  # a missing tile: leave it white
-                continue
             plane, rest = divmod(index, per_plane)
             sy, sx = (rest // across) * seg_h, (rest % across) * seg_w
+            if segment is None:  # a missing tile, whitened once the colours are shown
+                box = (max(sy, y0), min(sy + seg_h, y1), max(sx, x0), min(sx + seg_w, x1))
+                if box[1] > box[0] and box[3] > box[2]:
+                    missing.append(box)
+                continue
             ya, yb = max(sy, y0), min(sy + segment.shape[0], y1)
             xa, xb = max(sx, x0), min(sx + segment.shape[1], x1)
             if yb <= ya or xb <= xa:
@@ -402,18 +494,30 @@ class TiffSlideReader(LevelledReader):
         samples = int(page.samplesperpixel)
         dtype = np.dtype(page.dtype).newbyteorder(page.parent.byteorder)
         row_bytes = width * samples * dtype.itemsize
-        out = np.empty((y1 - y0, width, samples), dtype)
+        pixel_bytes = samples * dtype.itemsize
+        # A narrow region of a wide image reads its columns of each row, not whole rows.
+        by_row = 4 * (x1 - x0) < width
+        cols = x1 - x0 if by_row else width
+        out = np.empty((y1 - y0, cols, samples), dtype)
         for strip in range(y0 // rows_per_strip, (y1 - 1) // rows_per_strip + 1):
             top = strip * rows_per_strip
             ra, rb = max(top, y0), min(top + rows_per_strip, y1)
             offset = int(page.dataoffsets[strip]) + (ra - top) * row_bytes
             with self._lock:
-                self._tif.filehandle.seek(offset)
-                raw = self._tif.filehandle.read((rb - ra) * row_bytes)
-            if len(raw) != (rb - ra) * row_bytes:
+                fh = self._tif.filehandle
+                if by_row:
+                    raw = bytearray()
+                    for row in range(rb - ra):
+                        fh.seek(offset + row * row_bytes + x0 * pixel_bytes)
+                        raw += fh.read(cols * pixel_bytes)
+                else:
+                    fh.seek(offset)
+                    raw = fh.read((rb - ra) * row_bytes)
+            if len(raw) != (rb - ra) * cols * pixel_bytes:
                 raise SlideReadError(f"{self.path}: rows {ra}-{rb} lie past the end of the file")
-            out[ra - y0 : rb - y0] = np.frombuffer(raw, dtype).reshape(rb - ra, width, samples)
-        return out[:, x0:x1].astype(dtype.newbyteorder("="), copy=False)
+            out[ra - y0 : rb - y0] = np.frombuffer(raw, dtype).reshape(rb - ra, cols, samples)
+        region = out if by_row else out[:, x0:x1]
+        return region.astype(dtype.newbyteorder("="), copy=False)
 
     def _segments(
         self, level: int, page: Any, indices: list[int]
