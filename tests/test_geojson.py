@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from hisynseg.datasets.spec import get_dataset_spec
 from hisynseg.inference.outputs import (
     ClassLabels,
     _corner_grid,
@@ -19,20 +18,7 @@ from hisynseg.inference.outputs import (
     write_geojson,
     write_mask_geojson,
 )
-
-SPEC = get_dataset_spec("luad-histoseg")
-LABELS = ClassLabels.from_dataset_dict(SPEC.to_dict())
-BG = SPEC.background_index
-
-
-def _blobs() -> np.ndarray:
-    mask = np.full((120, 160), BG, np.uint8)
-    cv2.circle(mask, (40, 40), 30, 0, -1)
-    cv2.circle(mask, (40, 40), 10, 1, -1)  # class 1 inside a hole of class 0
-    cv2.rectangle(mask, (90, 10), (150, 50), 2, -1)
-    cv2.rectangle(mask, (90, 80), (110, 110), 2, -1)  # class 2: two regions
-    cv2.ellipse(mask, (60, 95), (25, 15), 0, 0, 360, 3, -1)
-    return mask
+from test_predict import BG, LABELS, SPEC, _blobs
 
 
 def _noisy(seed: int, shape: tuple[int, int] = (40, 50)) -> np.ndarray:

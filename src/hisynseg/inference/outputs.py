@@ -294,6 +294,11 @@ def _on_grid(binary: np.ndarray, points: np.ndarray) -> np.ndarray:
     return found
 
 
+def _ring_starts(sizes: np.ndarray) -> np.ndarray:
+    """Index of the first point of each ring, rings stored one after another."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
 def _ring_links(starts: np.ndarray, sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Index of the next and of the previous point of each point of the rings."""
     nxt = np.arange(1, n + 1, dtype=np.int64)
@@ -331,7 +336,7 @@ def _square_corners(
     sizes = sizes + np.add.reduceat(is_diagonal.astype(np.int64), starts)
     del is_diagonal, at, by, along_x, along_y
     points = np.insert(points, diagonal + 1, corners.astype(points.dtype), axis=0)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    starts = _ring_starts(sizes)
     # Drop the points in the middle of straight runs (the edge midpoints above): all
     # steps are now along an axis, so a point is mid-run when its step in and out agree.
     nxt, prev = _ring_links(starts, sizes, len(points))
@@ -365,10 +370,10 @@ def _class_outlines(binary: np.ndarray, sx: float, sy: float) -> _ClassOutlines:
     sizes = np.fromiter((len(c) for c in contours), np.int64, len(contours))
     points = np.concatenate(contours).reshape(-1, 2)  # int32 grid coordinates
     del contours
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    starts = _ring_starts(sizes)
     first = points[starts].astype(np.int64)
     points, sizes = _square_corners(points, starts, sizes, binary)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    starts = _ring_starts(sizes)
     # 32-bit labels: OpenCV numbers provisional labels before merging them, so even a
     # mask of a few hundred regions can run out of 16-bit ones.
     _, components = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)

@@ -224,9 +224,8 @@ def plan_tiles(
     if output_downsample is None:
         # The smallest common divisor of tile and overlap (so tiles stay on the output
         # grid) that keeps the output within the cap: a power of two for the defaults.
-        divisors = [
-            k for k in range(1, math.gcd(tile, overlap) + 1) if tile % k == overlap % k == 0
-        ]
+        common = math.gcd(tile, overlap)  # its divisors are the common divisors
+        divisors = [k for k in range(1, common + 1) if common % k == 0]
         fits = [k for k in divisors if math.ceil(wm / k) * math.ceil(hm / k) <= max_output_pixels]
         d = fits[0] if fits else divisors[-1]
         if not fits:

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from hisynseg.slides.base import LevelledReader, SlideReadError, fill_region, plausible_mpp
+from hisynseg.slides.base import (
+    LevelledReader,
+    SlideReadError,
+    fill_region,
+    plausible_mpp,
+    to_rgb_uint8,
+)
 
 __all__ = ["OpenSlideReader", "import_openslide"]
 
@@ -102,10 +108,8 @@ class OpenSlideReader(LevelledReader):
             raise SlideReadError(
                 f"{self.path}: cannot read level {level} at ({x0}, {y0}): {exc}"
             ) from None
-        rgba = np.asarray(region, dtype=np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        # openslide-python hands back straight (not premultiplied) RGBA.
+        canvas[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(np.asarray(region), self.path)
         return canvas
 
     def close(self) -> None:
